@@ -1,0 +1,1 @@
+"""Makes the project's flat modules importable from tests/ under plain `pytest`."""

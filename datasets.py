@@ -1,0 +1,368 @@
+"""The dataset stage: corpus -> SentencePiece tokenizer -> fixed token windows (chunks) -> a memory-mapped cache.
+
+This module's name shadows the Hugging Face `datasets` package inside the project; code that needs the real
+package imports it through `readers.import_hf_datasets()`, which does so on purpose.
+
+Cache layout (`<to_dir>`, default `<save_dir>/dataset`), written into a temporary folder and swapped in whole,
+so a failed run never touches a prepared cache:
+    meta.json           sizes, special ids, tokenizer sha1, the fingerprint of the inputs, statistics
+    tokenizer.model     SentencePiece BPE model (PAD=0, UNK=1, BOS=2, EOS=3)
+    documents.json      [{"id", "title"}] in chunk order
+    qa.json             [{"id", "question", "answers", "split", "doc_ids"}]
+    chunks.npy          int32 [num_chunks, context_size], PAD-filled after each document's last token
+    chunk_doc.npy       int32 [num_chunks]  document index of each chunk
+    chunk_offset.npy    int32 [num_chunks]  token offset of the chunk inside its document
+    questions.npy       int32 [num_qa, max_question_tokens]  PAD-filled
+    answers.npy         int32 [num_qa, max_answer_tokens]    canonical answer + EOS, PAD-filled
+    pos_offsets.npy     int64 [num_qa + 1]  CSR offsets into pos_chunks
+    pos_chunks.npy      int32 chunks that contain each question's answer
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+import os
+import shutil
+import tempfile
+from collections import defaultdict
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import sentencepiece as spm
+
+import checkpoint as ckpt
+from metrics import normalize_answer
+from records import Document, QAPair, split_of
+
+PAD_ID, UNK_ID, BOS_ID, EOS_ID = 0, 1, 2, 3
+FORMAT_VERSION = 1
+MAX_QUESTION_TOKENS = 48
+MAX_ANSWER_TOKENS = 32
+
+
+class DatasetError(ValueError):
+    """A dataset that cannot be built or read; the message names the file or flag."""
+
+
+@dataclass
+class SourceSpec:
+    """Which corpus to read; everything here goes into the cache fingerprint."""
+
+    data: str = "builtin"
+    from_dir: str | None = None
+    corpus_size: int = 2000
+    seed: int = 0
+    squad_documents: str = "articles"
+    max_questions: int | None = None
+
+
+def read_corpus(spec: SourceSpec, log=print) -> tuple[list[Document], list[QAPair]]:
+    """Documents and QA pairs from the chosen source."""
+    if spec.data == "builtin":
+        import builtin_corpus
+
+        return builtin_corpus.generate(spec.corpus_size, seed=spec.seed)
+    import readers
+
+    kw = {"max_questions": spec.max_questions}
+    if spec.data == "squad":
+        kw["documents"] = spec.squad_documents
+    try:
+        docs, qa, report = readers.read_source(spec.data, spec.from_dir, **kw)
+    except readers.DataError as e:
+        raise DatasetError(str(e)) from None
+    for line in report.messages[:20]:
+        log(f"warning: {line}")
+    log(report.summary())
+    return docs, qa
+
+
+def train_tokenizer(texts: list[str], vocab_size: int, seed: int = 0) -> bytes:
+    """Train a SentencePiece BPE model in memory and return its bytes."""
+
+    def sentences():
+        for text in texts:
+            for line in text.split("\n"):
+                line = line.strip()
+                # SentencePiece skips lines over its byte limit; feed long lines in pieces instead.
+                for i in range(0, len(line), 2000):
+                    yield line[i : i + 2000]
+
+    model = io.BytesIO()
+    try:
+        spm.SentencePieceTrainer.train(
+            sentence_iterator=sentences(),
+            model_writer=model,
+            vocab_size=vocab_size,
+            model_type="bpe",
+            pad_id=PAD_ID,
+            unk_id=UNK_ID,
+            bos_id=BOS_ID,
+            eos_id=EOS_ID,
+            character_coverage=1.0,
+            byte_fallback=True,
+            input_sentence_size=2_000_000,
+            shuffle_input_sentence=True,
+            num_threads=os.cpu_count() or 1,
+            minloglevel=2,
+        )
+    except RuntimeError as e:
+        raise DatasetError(f"--vocab_size {vocab_size}: SentencePiece could not train ({e}); try a smaller value") from None
+    return model.getvalue()
+
+
+def load_tokenizer(path: str | Path) -> spm.SentencePieceProcessor:
+    path = Path(path)
+    if not path.is_file():
+        raise DatasetError(f"{path}: tokenizer not found; run --target dataset first")
+    return spm.SentencePieceProcessor(model_file=str(path))
+
+
+def chunk_documents(doc_tokens: list[list[int]], context_size: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Cut each document into windows of `context_size` tokens, PAD-filling the last one.
+
+    Every token lands in exactly one chunk. Returns (chunks, chunk_doc, chunk_offset)."""
+    counts = [max(1, -(-len(t) // context_size)) for t in doc_tokens]
+    chunks = np.full((sum(counts), context_size), PAD_ID, dtype=np.int32)
+    chunk_doc = np.repeat(np.arange(len(doc_tokens), dtype=np.int32), counts)
+    chunk_offset = np.zeros(len(chunk_doc), dtype=np.int32)
+    row = 0
+    for tokens, n in zip(doc_tokens, counts):
+        for j in range(n):
+            window = tokens[j * context_size : (j + 1) * context_size]
+            chunks[row, : len(window)] = window
+            chunk_offset[row] = j * context_size
+            row += 1
+    return chunks, chunk_doc, chunk_offset
+
+
+def label_answers(
+    chunk_texts: list[str],
+    chunk_doc: np.ndarray,
+    qa: list[QAPair],
+    doc_index: dict[str, int],
+) -> list[list[int]]:
+    """For each question, the chunks whose normalised text contains a normalised answer as whole words.
+
+    When a question names its evidence documents only their chunks are searched (the answer string may appear
+    elsewhere by chance); otherwise every chunk, through an inverted index on words."""
+    norm = [f" {normalize_answer(t)} " for t in chunk_texts]
+    doc_chunks: dict[int, list[int]] = defaultdict(list)
+    for c, d in enumerate(chunk_doc.tolist()):
+        doc_chunks[d].append(c)
+    postings: dict[str, list[int]] | None = None
+    labels = []
+    for q in qa:
+        answers = [a for a in (normalize_answer(a) for a in q.answers) if a]
+        evidence = [doc_index[d] for d in q.doc_ids if d in doc_index]
+        if evidence:
+            candidates = [c for d in evidence for c in doc_chunks[d]]
+        else:
+            if postings is None:
+                postings = defaultdict(list)
+                for c, text in enumerate(norm):
+                    for w in set(text.split()):
+                        postings[w].append(c)
+            candidates = sorted({c for a in answers for c in postings.get(a.split()[0], [])})
+        labels.append([c for c in candidates if any(f" {a} " in norm[c] for a in answers)])
+    return labels
+
+
+def _pad_rows(rows: list[list[int]], width: int) -> np.ndarray:
+    out = np.full((len(rows), width), PAD_ID, dtype=np.int32)
+    for i, r in enumerate(rows):
+        r = r[:width]
+        out[i, : len(r)] = r
+    return out
+
+
+def fingerprint(spec: SourceSpec, vocab_size: int, context_size: int) -> str:
+    payload = dict(vars(spec), vocab_size=vocab_size, context_size=context_size, version=FORMAT_VERSION)
+    if spec.from_dir:
+        payload["from_dir"] = os.path.abspath(spec.from_dir)
+    return hashlib.sha1(json.dumps(payload, sort_keys=True).encode()).hexdigest()
+
+
+def build_dataset(spec: SourceSpec, to_dir: str | Path, vocab_size: int = 4096, context_size: int = 64,
+                  force: bool = False, log=print) -> Path:
+    """Read, tokenise, chunk and label a corpus into `to_dir`. Idempotent: an up-to-date cache is reused."""
+    if context_size <= 0:
+        raise DatasetError(f"--context_size must be positive, got {context_size}")
+    if vocab_size < 64:
+        raise DatasetError(f"--vocab_size must be at least 64, got {vocab_size}")
+    to_dir = Path(to_dir)
+    fp = fingerprint(spec, vocab_size, context_size)
+    meta_path = to_dir / "meta.json"
+    if not force and meta_path.is_file():
+        try:
+            if json.loads(meta_path.read_text()).get("fingerprint") == fp:
+                log(f"dataset: {to_dir} is up to date")
+                return to_dir
+        except (OSError, json.JSONDecodeError):
+            pass  # unreadable meta: rebuild
+    docs, qa = read_corpus(spec, log)
+    docs = [d for d in docs if d.text.strip()]
+    if not docs:
+        raise DatasetError(f"--data {spec.data}: no documents with text")
+
+    log(f"dataset: {len(docs):,} documents, {len(qa):,} QA pairs; training a {vocab_size}-token BPE tokenizer")
+    model_bytes = train_tokenizer([d.text for d in docs] + [q.question for q in qa], vocab_size, spec.seed)
+    sp = spm.SentencePieceProcessor(model_proto=model_bytes)
+
+    doc_tokens = sp.encode([d.text for d in docs], num_threads=os.cpu_count() or 1)
+    chunks, chunk_doc, chunk_offset = chunk_documents(doc_tokens, context_size)
+    chunk_texts = sp.decode([row[row != PAD_ID].tolist() for row in chunks])
+    doc_index = {d.id: i for i, d in enumerate(docs)}
+
+    q_tokens = sp.encode([q.question for q in qa]) if qa else []
+    keep = [i for i, t in enumerate(q_tokens) if t]
+    if len(keep) < len(qa):
+        log(f"warning: {len(qa) - len(keep)} questions have no tokens and were dropped")
+    qa = [qa[i] for i in keep]
+    q_tokens = [q_tokens[i] for i in keep]
+    a_tokens = [t + [EOS_ID] for t in sp.encode([q.answers[0] for q in qa])] if qa else []
+    labels = label_answers(chunk_texts, chunk_doc, qa, doc_index)
+    no_answer = sum(1 for l in labels if not l)
+    if no_answer:
+        log(f"warning: {no_answer:,} of {len(qa):,} questions have their answer in no chunk (kept, counted as misses)")
+
+    q_width = min(MAX_QUESTION_TOKENS, max((len(t) for t in q_tokens), default=1))
+    a_width = min(MAX_ANSWER_TOKENS, max((len(t) for t in a_tokens), default=1))
+    splits = [split_of(q.id) for q in qa]
+    pos_offsets = np.zeros(len(qa) + 1, dtype=np.int64)
+    pos_offsets[1:] = np.cumsum([len(l) for l in labels])
+    pos_chunks = np.array([c for l in labels for c in l], dtype=np.int32)
+    meta = {
+        "format": FORMAT_VERSION,
+        "fingerprint": fp,
+        "source": vars(spec),
+        "vocab_size": sp.get_piece_size(),
+        "context_size": context_size,
+        "special_ids": {"pad": PAD_ID, "unk": UNK_ID, "bos": BOS_ID, "eos": EOS_ID},
+        "tokenizer_sha1": hashlib.sha1(model_bytes).hexdigest(),
+        "num_documents": len(docs),
+        "num_chunks": int(len(chunks)),
+        "num_qa": len(qa),
+        "splits": {s: splits.count(s) for s in ("train", "valid", "test")},
+        "questions_without_answer_chunk": no_answer,
+        "tokens": int(sum(len(t) for t in doc_tokens)),
+        "question_tokens": q_width,
+        "answer_tokens": a_width,
+    }
+    arrays = {
+        "chunks": chunks,
+        "chunk_doc": chunk_doc,
+        "chunk_offset": chunk_offset,
+        "questions": _pad_rows(q_tokens, q_width),
+        "answers": _pad_rows(a_tokens, a_width),
+        "pos_offsets": pos_offsets,
+        "pos_chunks": pos_chunks,
+    }
+    _write_cache(to_dir, meta, model_bytes, docs, qa, splits, arrays)
+    log(
+        f"dataset: {meta['num_chunks']:,} chunks of {context_size} tokens, "
+        f"splits {meta['splits']}, written to {to_dir}"
+    )
+    return to_dir
+
+
+def _write_cache(to_dir: Path, meta, model_bytes, docs, qa, splits, arrays) -> None:
+    """Write everything into a temporary sibling folder, fsync it, then swap it in whole."""
+    to_dir.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=".tmp-" + to_dir.name + "-", dir=to_dir.parent))
+    try:
+        (tmp / "tokenizer.model").write_bytes(model_bytes)
+        (tmp / "documents.json").write_text(json.dumps([{"id": d.id, "title": d.title} for d in docs]))
+        (tmp / "qa.json").write_text(
+            json.dumps(
+                [
+                    {"id": q.id, "question": q.question, "answers": q.answers, "split": s, "doc_ids": q.doc_ids}
+                    for q, s in zip(qa, splits)
+                ]
+            )
+        )
+        for name, arr in arrays.items():
+            np.save(tmp / f"{name}.npy", arr, allow_pickle=False)
+        (tmp / "meta.json").write_text(json.dumps(meta, indent=2, sort_keys=True))
+        for f in tmp.iterdir():
+            with open(f, "rb") as fh:
+                os.fsync(fh.fileno())
+        old = None
+        if to_dir.exists():
+            old = to_dir.with_name(".tmp-old-" + to_dir.name + f"-{os.getpid()}")
+            os.replace(to_dir, old)
+        os.replace(tmp, to_dir)
+        ckpt.fsync_dir(to_dir.parent)
+        if old is not None:
+            shutil.rmtree(old, ignore_errors=True)
+    finally:
+        if tmp.exists():
+            shutil.rmtree(tmp, ignore_errors=True)
+
+
+class Dataset:
+    """A prepared cache, memory-mapped: nothing is re-tokenised."""
+
+    def __init__(self, path: str | Path):
+        self.path = Path(path)
+        meta_path = self.path / "meta.json"
+        if not meta_path.is_file():
+            raise DatasetError(f"{self.path}: no prepared dataset (meta.json missing); run --target dataset first")
+        try:
+            self.meta = json.loads(meta_path.read_text())
+            self.documents = json.loads((self.path / "documents.json").read_text())
+            self.qa = json.loads((self.path / "qa.json").read_text())
+            load = lambda n: np.load(self.path / f"{n}.npy", mmap_mode="r", allow_pickle=False)  # noqa: E731
+            self.chunks = load("chunks")
+            self.chunk_doc = load("chunk_doc")
+            self.chunk_offset = load("chunk_offset")
+            self.questions = load("questions")
+            self.answers = load("answers")
+            self.pos_offsets = np.asarray(load("pos_offsets"))
+            self.pos_chunks = np.asarray(load("pos_chunks"))
+        except (OSError, ValueError) as e:
+            raise DatasetError(f"{self.path}: unreadable dataset cache ({e}); rebuild it with --target dataset") from None
+        self.tokenizer = load_tokenizer(self.path / "tokenizer.model")
+        self.splits = np.array([q["split"] for q in self.qa])
+
+    @property
+    def vocab_size(self) -> int:
+        return int(self.meta["vocab_size"])
+
+    @property
+    def context_size(self) -> int:
+        return int(self.meta["context_size"])
+
+    @property
+    def tokenizer_sha1(self) -> str:
+        return self.meta["tokenizer_sha1"]
+
+    def positives(self, i: int) -> np.ndarray:
+        return self.pos_chunks[self.pos_offsets[i] : self.pos_offsets[i + 1]]
+
+    def split_indices(self, split: str, answerable: bool = False) -> np.ndarray:
+        """Question indices of a split; `answerable` keeps only those with at least one labelled chunk."""
+        idx = np.nonzero(self.splits == split)[0]
+        if answerable:
+            idx = idx[self.pos_offsets[idx + 1] > self.pos_offsets[idx]]
+        return idx
+
+    def chunk_text(self, c: int) -> str:
+        row = np.asarray(self.chunks[c])
+        return self.tokenizer.decode(row[row != PAD_ID].tolist())
+
+    def chunk_title(self, c: int) -> str:
+        return self.documents[int(self.chunk_doc[c])]["title"]
+
+    def encode_question(self, text: str) -> np.ndarray:
+        """Tokenise a user's question to the stored width; an error if it has no tokens."""
+        tokens = self.tokenizer.encode(text)
+        if not tokens:
+            raise DatasetError("the question has no tokens")
+        return _pad_rows([tokens], self.questions.shape[1])[0]
+
+    def decode(self, tokens) -> str:
+        return self.tokenizer.decode([int(t) for t in tokens if t not in (PAD_ID, EOS_ID, BOS_ID)])

@@ -1,0 +1,281 @@
+"""Start-up fast paths for MLX on CPU: a real BLAS instead of the bundled reference one, and a JIT compiler.
+
+The Linux `mlx-cpu` wheel links `libmlx.so` against the netlib *reference* BLAS it ships in
+`mlx_cpu.libs/`, so matmuls run ~30x slower than with OpenBLAS or MKL. Symbols in `LD_PRELOAD`
+libraries come first in every lookup scope, so re-executing the interpreter with a fast BLAS preloaded
+makes MLX call it instead. This has to happen before the process starts, hence the re-exec.
+
+numpy/scipy's bundled `scipy_openblas` cannot serve: it exports prefixed, 64-bit-index names
+(`scipy_cblas_sgemm64_`), not the `cblas_sgemm` MLX imports. On macOS MLX already uses Accelerate.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import glob
+import os
+import platform
+import shutil
+import struct
+import subprocess
+import sys
+import sysconfig
+from collections.abc import Callable, Mapping
+
+# The BLAS entry points libmlx.so imports (`nm -D --undefined-only libmlx.so`); LAPACK comes along too.
+REQUIRED_SYMBOLS = ("cblas_sgemm", "cblas_dgemm", "cblas_cgemm")
+
+# Debian/Ubuntu (multiarch), Fedora/RHEL, Arch and /usr/local builds; pthread builds before OpenMP ones.
+_OPENBLAS_PATHS = (
+    "/usr/lib/{arch}-linux-gnu/openblas-pthread/libopenblas.so.0",
+    "/usr/lib/{arch}-linux-gnu/libopenblas.so.0",
+    "/usr/lib/{arch}-linux-gnu/openblas-openmp/libopenblas.so.0",
+    "/usr/lib/{arch}-linux-gnu/openblas-pthread/libblas.so.3",
+    "/usr/lib64/libopenblasp.so.0",
+    "/usr/lib64/libopenblas.so.0",
+    "/usr/lib/libopenblas.so.0",
+    "/usr/local/lib/libopenblas.so.0",
+)
+
+_SLOW_HINT = "install libopenblas0-pthread or `pip install mkl`"
+
+
+def _is_linux() -> bool:
+    return sys.platform.startswith("linux") and platform.system() == "Linux"
+
+
+def _is_macos() -> bool:
+    return sys.platform == "darwin" or platform.system() == "Darwin"
+
+
+def exported_symbols(path: str) -> set[str]:
+    """Names of the functions and objects an ELF shared library defines in its dynamic symbol table.
+
+    Pure Python (reads `.dynsym`/`.dynstr`), so it needs no binutils and loads nothing into this process.
+    Returns an empty set for files that are not 64-bit little-endian ELF.
+    """
+    with open(path, "rb") as f:
+        head = f.read(64)
+        if len(head) < 64 or head[:4] != b"\x7fELF" or head[4] != 2 or head[5] != 1:
+            return set()
+        shoff, = struct.unpack_from("<Q", head, 0x28)
+        shentsize, shnum = struct.unpack_from("<HH", head, 0x3A)
+        f.seek(shoff)
+        table = f.read(shentsize * shnum)
+        sections = [struct.unpack_from("<IIQQQQIIQQ", table, i * shentsize) for i in range(shnum)]
+        names: set[str] = set()
+        for _name, sh_type, _flags, _addr, offset, size, link, _info, _align, entsize in sections:
+            if sh_type != 11 or link >= len(sections) or not entsize:  # 11 = SHT_DYNSYM
+                continue
+            f.seek(sections[link][4])
+            strtab = f.read(sections[link][5])
+            f.seek(offset)
+            symtab = f.read(size)
+            for i in range(0, size - entsize + 1, entsize):
+                st_name, st_info, _other, st_shndx = struct.unpack_from("<IBBH", symtab, i)
+                # shndx 0 = undefined (imported); info & 0xF in {1 object, 2 func, 10 ifunc}
+                if st_shndx != 0 and (st_info & 0xF) in (1, 2, 10):
+                    end = strtab.find(b"\0", st_name)
+                    names.add(strtab[st_name:end].decode("ascii", "replace"))
+        return names
+
+
+def is_usable_blas(path: str) -> bool:
+    """True when `path` is a shared library that defines every CBLAS entry point MLX imports."""
+    try:
+        return set(REQUIRED_SYMBOLS) <= exported_symbols(path)
+    except OSError:
+        return False
+
+
+def _mkl_candidates() -> list[str]:
+    # `pip install mkl` puts libmkl_rt.so.N in <prefix>/lib, not in site-packages.
+    roots = {os.path.join(sys.prefix, "lib"), os.path.join(sys.base_prefix, "lib")}
+    roots.update(p for p in (sysconfig.get_paths().get("purelib"), sysconfig.get_paths().get("platlib")) if p)
+    found: list[str] = []
+    for root in sorted(roots):
+        found += sorted(glob.glob(os.path.join(root, "libmkl_rt.so*")), reverse=True)
+    return found
+
+
+def _ldconfig_openblas() -> list[str]:
+    ldconfig = shutil.which("ldconfig") or ("/sbin/ldconfig" if os.path.exists("/sbin/ldconfig") else None)
+    if ldconfig is None:
+        return []
+    try:
+        out = subprocess.run([ldconfig, "-p"], capture_output=True, text=True, timeout=10).stdout
+    except (OSError, subprocess.SubprocessError):
+        return []
+    # Lines look like: "\tlibopenblas.so.0 (libc6,x86-64) => /usr/lib/x86_64-linux-gnu/libopenblas.so.0"
+    return [line.rsplit("=> ", 1)[1].strip() for line in out.splitlines() if "libopenblas" in line and "=> " in line]
+
+
+def find_fast_blas(env: Mapping[str, str] | None = None) -> str | None:
+    """Path of a fast BLAS that can be preloaded under MLX, or None.
+
+    Order: `RAGMLX_BLAS` (an explicit path), system OpenBLAS (common paths, then `ldconfig -p`), then MKL
+    installed from PyPI. OpenBLAS comes first because it measured faster than MKL for MLX on AMD EPYC
+    (see bench/blas_results.json). Raises ValueError when RAGMLX_BLAS names an unusable file.
+    """
+    env = os.environ if env is None else env
+    explicit = env.get("RAGMLX_BLAS", "")
+    if explicit:
+        if not os.path.isfile(explicit):
+            raise ValueError(f"RAGMLX_BLAS={explicit}: no such file")
+        if not is_usable_blas(explicit):
+            raise ValueError(f"RAGMLX_BLAS={explicit}: does not export {', '.join(REQUIRED_SYMBOLS)}")
+        return explicit
+    arch = platform.machine() or "x86_64"
+    candidates = [p.format(arch=arch) for p in _OPENBLAS_PATHS] + _ldconfig_openblas() + _mkl_candidates()
+    for path in candidates:
+        if os.path.isfile(path) and is_usable_blas(path):
+            return path
+    return None
+
+
+def classify_blas(path: str | None) -> str:
+    """Human name of the BLAS library at `path` ("OpenBLAS", "MKL", "BLIS" or "reference netlib BLAS")."""
+    if path is None:
+        return "unknown BLAS"
+    # Judge by file and folder name only: Debian's alternatives put OpenBLAS's libblas.so.3 in openblas-pthread/.
+    real = os.path.realpath(path).lower()
+    where = os.path.basename(real) + "/" + os.path.basename(os.path.dirname(real))
+    for key, name in (("mkl", "MKL"), ("openblas", "OpenBLAS"), ("blis", "BLIS"), ("armpl", "Arm PL")):
+        if key in where:
+            return name
+    return "reference netlib BLAS"
+
+
+class _DlInfo(ctypes.Structure):
+    _fields_ = [
+        ("dli_fname", ctypes.c_char_p),
+        ("dli_fbase", ctypes.c_void_p),
+        ("dli_sname", ctypes.c_char_p),
+        ("dli_saddr", ctypes.c_void_p),
+    ]
+
+
+def _library_of(handle: ctypes.CDLL, symbol: str) -> str | None:
+    """File of the library that `dlsym(handle, symbol)` resolves to, or None when it is not found."""
+    try:
+        address = ctypes.cast(getattr(handle, symbol), ctypes.c_void_p).value
+    except AttributeError:
+        return None
+    for libname in (None, "libdl.so.2"):  # glibc >= 2.34 has dladdr in libc; older ones in libdl
+        try:
+            dladdr = ctypes.CDLL(libname).dladdr
+        except (OSError, AttributeError):
+            continue
+        info = _DlInfo()
+        if dladdr(ctypes.c_void_p(address), ctypes.byref(info)) and info.dli_fname:
+            return os.path.normpath(os.fsdecode(info.dli_fname))
+    return None
+
+
+def _mapped_fast_blas_fallback() -> str | None:
+    # Without dladdr: a fast BLAS that is both in LD_PRELOAD and mapped wins every lookup.
+    try:
+        with open("/proc/self/maps") as f:
+            mapped = {line.split(None, 5)[5].strip() for line in f if len(line.split(None, 5)) == 6}
+    except OSError:
+        return None
+    mapped_real = {os.path.realpath(p) for p in mapped}
+    for entry in os.environ.get("LD_PRELOAD", "").replace(" ", ":").split(":"):
+        if entry and os.path.realpath(entry) in mapped_real and classify_blas(entry) != "reference netlib BLAS":
+            return entry
+    return None
+
+
+def mlx_blas_library() -> str | None:
+    """Path of the library whose `cblas_sgemm` MLX calls in this process (Linux only; imports mlx.core).
+
+    Python loads extensions RTLD_LOCAL, so libmlx.so resolves a symbol first in the global scope (the program,
+    LD_PRELOAD libraries, RTLD_GLOBAL libraries) and only then in its own dependencies. We do the same
+    lookups with dlsym, which, unlike grepping /proc/self/maps for "openblas", is not fooled by numpy's
+    prefixed scipy_openblas or by a BLAS that is mapped but loses the lookup.
+    """
+    import mlx.core as mx
+
+    found = _library_of(ctypes.CDLL(None), REQUIRED_SYMBOLS[0])
+    if found is not None:
+        return found
+    try:
+        core = ctypes.CDLL(mx.__file__, mode=os.RTLD_NOLOAD | os.RTLD_LAZY)
+    except OSError:
+        return _mapped_fast_blas_fallback()
+    return _library_of(core, REQUIRED_SYMBOLS[0]) or _mapped_fast_blas_fallback()
+
+
+def uses_reference_blas() -> bool:
+    """True on Linux when MLX's matmuls go to a reference (non-optimised) BLAS in this process."""
+    if not _is_linux():
+        return False
+    return classify_blas(mlx_blas_library()) == "reference netlib BLAS"
+
+
+def blas_in_use() -> str:
+    """One-phrase description of the BLAS MLX uses in this process, e.g. "OpenBLAS (/usr/lib/...so.0)"."""
+    if _is_macos():
+        return "Accelerate (macOS)"
+    if not _is_linux():
+        return f"platform default ({platform.system() or sys.platform})"
+    path = mlx_blas_library()
+    return f"{classify_blas(path)} ({path})"
+
+
+def _command_line(argv: list[str]) -> list[str]:
+    # sys.argv loses `-c CODE`, `-m MOD` and interpreter flags; sys.orig_argv (3.10+) keeps them.
+    if argv == sys.argv and getattr(sys, "orig_argv", None):
+        return [sys.executable, *sys.orig_argv[1:]]
+    return [sys.executable, *argv]
+
+
+def ensure_fast_blas(
+    argv: list[str],
+    env: Mapping[str, str] = os.environ,
+    execv: Callable[[str, list[str], dict[str, str]], object] = os.execve,
+) -> str:
+    """Re-exec this interpreter with a fast BLAS in LD_PRELOAD when MLX would use the reference one.
+
+    Call at start-up, before heavy work, with `sys.argv`. Re-execs only on Linux, when the reference BLAS is in
+    use, a fast one is found, `RAGMLX_FAST_BLAS` is not "0" and `RAGMLX_REEXEC` is not "1" (the loop guard).
+    The real `os.execve` never returns; otherwise the result is a one-line description to print.
+    """
+    if not _is_linux():
+        return "BLAS: Accelerate (macOS)" if _is_macos() else f"BLAS: {blas_in_use()}"
+    if env.get("RAGMLX_FAST_BLAS", "") == "0":
+        current = classify_blas(mlx_blas_library())
+        return f"BLAS: {current} (fast path disabled by RAGMLX_FAST_BLAS=0)"
+    if not uses_reference_blas():
+        suffix = ", preloaded" if env.get("RAGMLX_REEXEC") == "1" else ""
+        path = mlx_blas_library()
+        return f"BLAS: {classify_blas(path)} ({path}{suffix})"
+    if env.get("RAGMLX_REEXEC") == "1":
+        preload = env.get("LD_PRELOAD", "")
+        return f"BLAS: reference netlib BLAS (slow; preloading {preload!r} did not take effect)"
+    lib = find_fast_blas(env)
+    if lib is None:
+        return f"BLAS: reference netlib BLAS (slow; {_SLOW_HINT})"
+    new_env = dict(env)
+    existing = env.get("LD_PRELOAD", "")
+    new_env["LD_PRELOAD"] = f"{lib}:{existing}" if existing else lib
+    new_env["RAGMLX_REEXEC"] = "1"
+    command = _command_line(argv)
+    sys.stdout.flush()  # exec discards buffered output
+    sys.stderr.flush()
+    execv(command[0], command, new_env)
+    return f"BLAS: re-executing with LD_PRELOAD={new_env['LD_PRELOAD']}"
+
+
+def compiler_available() -> bool:
+    """Whether `mx.compile` can JIT on this machine: MLX's CPU backend shells out to `g++` on Linux."""
+    if _is_macos():
+        return True
+    return shutil.which("g++") is not None
+
+
+def compiler_message() -> str | None:
+    """A one-line warning for main.py when `mx.compile` would silently run uncompiled, else None."""
+    if compiler_available():
+        return None
+    return "mx.compile: g++ not found on PATH, compiled steps run uncompiled on CPU (apt-get install g++)"

@@ -1,0 +1,273 @@
+"""The generator: a Fusion-in-Decoder encoder-decoder that reads the question with each retrieved chunk."""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+from typing import Iterator
+
+import mlx.core as mx
+import mlx.nn as nn
+import numpy as np
+
+from datasets import BOS_ID, EOS_ID, PAD_ID, Dataset
+from layers import NEG_INF, DecoderBlock, Encoder, init_embedding, padding_mask
+
+
+@dataclass
+class ModelArgs:
+    vocab_size: int
+    dim: int = 128
+    num_blocks: int = 2
+    num_decoder_blocks: int = 2
+    num_heads: int = 4
+    max_answer_tokens: int = 32
+    checkpoint: bool = False
+
+    def __post_init__(self):
+        if min(self.dim, self.num_blocks, self.num_decoder_blocks, self.num_heads) <= 0:
+            raise ValueError("--dim, --num_blocks and --num_heads must be positive")
+        if self.dim % self.num_heads or (self.dim // self.num_heads) % 2:
+            raise ValueError(f"--dim {self.dim} must be a multiple of 2 x --num_heads {self.num_heads}")
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+class Generator(nn.Module):
+    """`encode` each (question, chunk) passage on its own, concatenate the encodings as one memory, and
+    `decode` the answer with causal self-attention and cross-attention over all passages at once."""
+
+    def __init__(self, args: ModelArgs):
+        super().__init__()
+        self.args = args
+        self.embed = nn.Embedding(args.vocab_size, args.dim)
+        init_embedding(self.embed, args.dim)
+        self.encoder = Encoder(args.dim, args.num_blocks, args.num_heads, args.checkpoint)
+        self.blocks = [DecoderBlock(args.dim, args.num_heads) for _ in range(args.num_decoder_blocks)]
+        self.norm = nn.RMSNorm(args.dim)
+
+    def encode(self, passages: mx.array) -> tuple[mx.array, mx.array]:
+        """passages [B, P, L] -> memory [B, P*L, D] and its additive mask [B, 1, 1, P*L]."""
+        B, P, L = passages.shape
+        flat = passages.reshape(B * P, L)
+        valid = flat != PAD_ID
+        h = self.encoder(self.embed(flat), padding_mask(valid))
+        return h.reshape(B, P * L, -1), padding_mask(valid.reshape(B, P * L))
+
+    def decode(self, tokens: mx.array, memory: mx.array, memory_mask: mx.array, cache: list | None = None) -> mx.array:
+        """tokens [B, T] -> logits [B, T, V]. With a cache, only the new tokens are passed in."""
+        x = self.embed(tokens)
+        T = x.shape[1]
+        if cache is None or T > 1:
+            offset = 0 if cache is None or "k" not in cache[0].get("self", {}) else cache[0]["self"]["k"].shape[2]
+            causal = mx.triu(mx.full((T, T + offset), NEG_INF), k=1 + offset).astype(x.dtype)
+        else:
+            causal = None  # one new token attends to every cached one
+        for i, block in enumerate(self.blocks):
+            x = block(x, memory, causal, memory_mask, None if cache is None else cache[i])
+        return self.embed.as_linear(self.norm(x))
+
+    def __call__(self, passages: mx.array, answer_in: mx.array) -> mx.array:
+        memory, memory_mask = self.encode(passages)
+        return self.decode(answer_in, memory, memory_mask)
+
+    def make_cache(self) -> list[dict]:
+        return [{} for _ in self.blocks]
+
+    def generate(self, passages: mx.array, max_tokens: int | None = None, temperature: float = 0.0,
+                 sample_top_k: int = 0, seed: int | None = None) -> Iterator[mx.array]:
+        """Yield the next token [B] for every question in the batch, one step at a time, with a key/value cache.
+
+        `temperature` 0 is greedy; otherwise sample, from the `sample_top_k` most likely tokens when > 0.
+        The caller stops when every row has produced EOS."""
+        max_tokens = max_tokens or self.args.max_answer_tokens
+        key = mx.random.key(seed) if seed is not None else None
+        memory, memory_mask = self.encode(passages)
+        cache = self.make_cache()
+        tokens = mx.full((passages.shape[0], 1), BOS_ID, dtype=mx.int32)
+        for _ in range(max_tokens):
+            logits = self.decode(tokens, memory, memory_mask, cache)[:, -1, :]
+            if temperature <= 0:
+                nxt = mx.argmax(logits, axis=-1)
+            else:
+                logits = logits / temperature
+                if sample_top_k > 0 and sample_top_k < logits.shape[-1]:
+                    kth = mx.sort(logits, axis=-1)[:, -sample_top_k][:, None]
+                    logits = mx.where(logits < kth, NEG_INF, logits)
+                if key is not None:
+                    key, sub = mx.random.split(key)
+                    nxt = mx.random.categorical(logits, key=sub)
+                else:
+                    nxt = mx.random.categorical(logits)
+            nxt = nxt.astype(mx.int32)
+            mx.eval(nxt)
+            yield nxt
+            tokens = nxt[:, None]
+
+    def generate_recompute(self, passages: mx.array, max_tokens: int) -> list[list[int]]:
+        """Greedy decoding that re-runs the decoder over the whole prefix for every token (the reference the
+        cached path is tested and benchmarked against)."""
+        memory, memory_mask = self.encode(passages)
+        tokens = mx.full((passages.shape[0], 1), BOS_ID, dtype=mx.int32)
+        for _ in range(max_tokens):
+            nxt = mx.argmax(self.decode(tokens, memory, memory_mask)[:, -1, :], axis=-1).astype(mx.int32)
+            tokens = mx.concatenate([tokens, nxt[:, None]], axis=1)
+        return np.array(tokens[:, 1:]).tolist()
+
+
+def greedy_answers(model: Generator, passages: np.ndarray, batch_size: int = 64, max_tokens: int | None = None) -> list[list[int]]:
+    """Greedy answers (token ids, without EOS) for a whole set of passages, batched."""
+    out = []
+    for i in range(0, len(passages), batch_size):
+        batch = mx.array(passages[i : i + batch_size])
+        rows = [[] for _ in range(batch.shape[0])]
+        done = np.zeros(batch.shape[0], dtype=bool)
+        for tok in model.generate(batch, max_tokens):
+            t = np.array(tok)
+            for r in np.nonzero(~done)[0]:
+                if t[r] == EOS_ID:
+                    done[r] = True
+                else:
+                    rows[r].append(int(t[r]))
+            if done.all():
+                break
+        out.extend(rows)
+    return out
+
+
+def seq2seq_loss(model: Generator, passages, answer_in, answer_out):
+    """Teacher-forced cross-entropy over answer tokens; PAD targets are masked out."""
+    logits = model(passages, answer_in)
+    mask = answer_out != PAD_ID
+    ce = nn.losses.cross_entropy(logits, answer_out, reduction="none")
+    ntok = mask.sum()
+    loss = (ce * mask).sum() / mx.maximum(ntok, 1)
+    acc = ((mx.argmax(logits, axis=-1) == answer_out) * mask).sum() / mx.maximum(ntok, 1)
+    return loss, (acc, ntok)
+
+
+def build_passages(data: Dataset, questions: np.ndarray, chunk_ids: np.ndarray) -> np.ndarray:
+    """[N, K, Lq + 1 + C] passages from question token rows [N, Lq] and chunk ids [N, K]: the question's tokens,
+    EOS as a separator, then one chunk's tokens. The question part keeps its stored width (PAD-filled), so
+    every batch has one shape."""
+    q = np.asarray(questions)
+    c = np.asarray(data.chunks[chunk_ids.reshape(-1)]).reshape(*chunk_ids.shape, -1)  # [N, K, C]
+    N, K = chunk_ids.shape
+    sep = np.full((N, K, 1), EOS_ID, dtype=np.int32)
+    return np.concatenate([np.broadcast_to(q[:, None, :], (N, K, q.shape[1])), sep, c], axis=2)
+
+
+def teacher_forcing(answers: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Decoder input (BOS + answer) and target (answer + EOS, PAD after) from stored answer rows."""
+    bos = np.full((answers.shape[0], 1), BOS_ID, dtype=np.int32)
+    pad = np.full((answers.shape[0], 1), PAD_ID, dtype=np.int32)
+    answer_out = np.concatenate([answers, pad], axis=1)
+    answer_in = np.concatenate([bos, answers], axis=1)
+    answer_in[answer_in == EOS_ID] = PAD_ID
+    return answer_in, answer_out
+
+
+class FiDBatches:
+    """Deterministic training batches of (passages, answer_in, answer_out) from precomputed retrieval."""
+
+    def __init__(self, data: Dataset, question_ids: np.ndarray, retrieved: np.ndarray, batch_size: int, seed: int):
+        if len(question_ids) < batch_size:
+            raise ValueError(f"--batch_size {batch_size} is larger than the {len(question_ids)} training questions")
+        self.data, self.ids, self.retrieved, self.B, self.seed = data, question_ids, retrieved, batch_size, seed
+        self.per_epoch = len(question_ids) // batch_size
+
+    def __call__(self, step: int):
+        epoch, k = divmod(step, self.per_epoch)
+        order = np.random.default_rng([self.seed, 2, epoch]).permutation(len(self.ids))
+        rows = order[k * self.B : (k + 1) * self.B]
+        qids = self.ids[rows]
+        answer_in, answer_out = teacher_forcing(np.asarray(self.data.answers[qids]))
+        return build_passages(self.data, self.data.questions[qids], self.retrieved[rows]), answer_in, answer_out
+
+
+def answer_metrics(model: Generator, data: Dataset, question_ids: np.ndarray, chunk_ids: np.ndarray,
+                   batch_size: int = 64) -> tuple[dict, list[str]]:
+    """Exact match and token F1 of greedy answers (official normalisation, max over aliases)."""
+    from metrics import aggregate_qa
+
+    passages = build_passages(data, data.questions[question_ids], chunk_ids)
+    predictions = [data.decode(t) for t in greedy_answers(model, passages, batch_size)]
+    scores = aggregate_qa(predictions, [data.qa[int(i)]["answers"] for i in question_ids])
+    return {"em": scores["em"], "f1": scores["f1"]}, predictions
+
+
+def validation_loss(model: Generator, data: Dataset, question_ids: np.ndarray, chunk_ids: np.ndarray,
+                    batch_size: int = 64) -> float:
+    total, count = 0.0, 0
+    for i in range(0, len(question_ids), batch_size):
+        q = question_ids[i : i + batch_size]
+        answer_in, answer_out = teacher_forcing(np.asarray(data.answers[q]))
+        loss, (_, ntok) = seq2seq_loss(model, mx.array(build_passages(data, data.questions[q], chunk_ids[i : i + batch_size])),
+                                       mx.array(answer_in), mx.array(answer_out))
+        total += loss.item() * ntok.item()
+        count += ntok.item()
+    return total / max(count, 1)
+
+
+def train(
+    data: Dataset,
+    directory,
+    retrieved: np.ndarray,
+    train_overrides: dict,
+    model_overrides: dict,
+    retriever_id: str | None,
+    identifier: str | None = None,
+    new_model: bool = False,
+    eval_questions: int = 500,
+    visualisation: bool = False,
+    compile: bool = True,
+    log=print,
+) -> tuple[Generator, str | None]:
+    """Train (or resume) the generator on training questions with their retrieved chunks `retrieved` [Q, K]
+    (row i belongs to question i). Evaluates validation loss, EM and F1 every --steps_per_eval."""
+    import training as T
+
+    model, found = T.load_or_init(
+        directory, "generator", Generator, ModelArgs,
+        {"vocab_size": data.vocab_size, "max_answer_tokens": int(data.answers.shape[1])},
+        model_overrides, data.tokenizer_sha1, identifier, new_model, log,
+    )
+    cfg = T.TrainConfig.merged(found.metadata.get("train") if found else None, train_overrides)
+    train_ids = data.split_indices("train")
+    valid_ids = data.split_indices("valid")[:eval_questions]
+    if len(train_ids) == 0:
+        raise T.UsageError("no training questions: the generator needs QA pairs")
+    batches = FiDBatches(data, train_ids, retrieved[train_ids], cfg.batch_size, cfg.seed)
+    optimizer = T.make_optimizer(cfg)
+    T.restore_optimizer(optimizer, model, found.optimizer_state if found else {})
+    start = int(found.metadata.get("step", 0)) if found else 0
+    state = {"id": found.id if found else None, "best": found.metadata.get("best") if found else None}
+    log(f"generator: {T.count_parameters(model):,} parameters, {len(train_ids):,} training questions, "
+        f"{retrieved.shape[1]} chunks each")
+
+    def evaluate(step: int) -> dict:
+        if len(valid_ids) == 0:
+            return {}
+        chunks = retrieved[valid_ids]
+        metrics = {"valid_loss": validation_loss(model, data, valid_ids, chunks)}
+        qa_metrics, predictions = answer_metrics(model, data, valid_ids, chunks)
+        metrics.update(qa_metrics)
+        log(f"eval  {step:>6}  " + "  ".join(f"{k} {v:.3f}" for k, v in metrics.items()))
+        if visualisation:
+            i = int(valid_ids[0])
+            log(f"  Q: {data.qa[i]['question']}  (gold: {data.qa[i]['answers'][0]})")
+            for c in retrieved[i][:3]:
+                log(f"    [{data.chunk_title(int(c))}] {data.chunk_text(int(c))[:100]}")
+            log(f"  A: {predictions[0]}")
+        return metrics
+
+    def save(step: int, metrics: dict) -> None:
+        if "em" in metrics and (state["best"] is None or metrics["em"] > state["best"]["em"]):
+            state["best"] = {"em": metrics["em"], "step": step}
+        extra = {"tokenizer_sha1": data.tokenizer_sha1, "best": state["best"], "retriever": retriever_id,
+                 "top_k": int(retrieved.shape[1])}
+        state["id"] = T.save_state(directory, "generator", model, optimizer, step, cfg, metrics, extra, state["id"])
+        log(f"saved generator {state['id'][:12]} at step {step}")
+
+    T.fit(model, optimizer, cfg, seq2seq_loss, batches, start, evaluate, save, "tok_acc", log, compile)
+    return model, state["id"]

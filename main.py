@@ -1,0 +1,95 @@
+"""ragmlx: train a small retrieval-augmented generation system end to end on MLX.
+
+    python main.py --target dataset|retriever|all|eval [--inference] [flags]
+
+`main.py` only parses flags and dispatches; each stage lives in its own module and takes explicit arguments.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+TARGETS = ("none", "dataset", "retriever", "all", "eval")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        description="Train and query a from-scratch RAG pipeline (retriever + Fusion-in-Decoder generator) on MLX.",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
+    g = p.add_argument_group("what to run")
+    g.add_argument("--target", choices=TARGETS, default="all",
+                   help="stage to run; each runs (or reuses) the stages before it")
+    g.add_argument("--inference", action="store_true",
+                   help="interactive questions against the trained models instead of training "
+                        "(--target retriever: retrieval only)")
+    g.add_argument("--save_dir", default="./runs/default", help="folder for the dataset cache, checkpoints and indexes")
+    g.add_argument("--seed", type=int, default=0, help="seed for the corpus, batches and initialisation")
+    g.add_argument("--gpu", action="store_true", help="run on the GPU (Metal on macOS, CUDA with mlx[cuda])")
+    g.add_argument("--no_fast_blas", action="store_true",
+                   help="do not re-start with a fast BLAS on Linux (also RAGMLX_FAST_BLAS=0)")
+    g.add_argument("--no_compile", action="store_true", help="do not mx.compile the training step")
+
+    g = p.add_argument_group("data")
+    g.add_argument("--data", choices=("builtin", "triviaqa", "triviaqa-hf", "squad", "folder"), default="builtin",
+                   help="corpus: the generated built-in encyclopedia, TriviaQA rc (directory or HF hub), "
+                        "SQuAD JSON, or a folder of .txt/.md files with qa.jsonl")
+    g.add_argument("--from_dir", default=None, help="where --data reads from (a directory, or the SQuAD JSON file)")
+    g.add_argument("--to_dir", default=None, help="where the prepared dataset is cached (default: SAVE_DIR/dataset)")
+    g.add_argument("--corpus_size", type=int, default=2000, help="documents in the built-in corpus")
+    g.add_argument("--squad_documents", choices=("articles", "paragraphs"), default="articles",
+                   help="SQuAD: one document per article or per paragraph")
+    g.add_argument("--max_questions", type=int, default=None, help="read at most this many questions (real data)")
+    g.add_argument("--context_size", type=int, default=64, help="tokens per chunk")
+    g.add_argument("--vocab_size", type=int, default=4096, help="SentencePiece BPE vocabulary size")
+
+    g = p.add_argument_group("models (default: taken from the checkpoint when resuming)")
+    g.add_argument("--num_blocks", type=int, default=None, help="transformer blocks per encoder/decoder [2]")
+    g.add_argument("--dim", type=int, default=None, help="model width [128]")
+    g.add_argument("--num_heads", type=int, default=None, help="attention heads [4]")
+    g.add_argument("--checkpoint", action="store_true", default=None,
+                   help="gradient checkpointing (less memory, more compute)")
+
+    g = p.add_argument_group("training (default: taken from the checkpoint when resuming)")
+    g.add_argument("--batch_size", type=int, default=None, help="questions per step [64]")
+    g.add_argument("--num_iters", type=int, default=None, help="generator training steps [1500]")
+    g.add_argument("--retriever_iters", type=int, default=None, help="retriever training steps [600]")
+    g.add_argument("--learning_rate", type=float, default=None, help="peak learning rate [1e-3]")
+    g.add_argument("--weight_decay", type=float, default=None, help="AdamW weight decay [0.01]")
+    g.add_argument("--lr_warmup", type=int, default=None, help="linear warm-up steps [100]")
+    g.add_argument("--steps_per_report", type=int, default=None, help="steps between training reports [50]")
+    g.add_argument("--steps_per_eval", type=int, default=None, help="steps between evaluations and checkpoints [250]")
+    g.add_argument("--keep", type=int, default=None, help="checkpoints of each type to keep [3]")
+    g.add_argument("--new_model", action="store_true", help="start fresh instead of resuming the newest checkpoint")
+    g.add_argument("--identifier", default=None, help="generator checkpoint id (or prefix) to resume or use")
+    g.add_argument("--retriever_identifier", default=None, help="retriever checkpoint id (or prefix) to resume or use")
+    g.add_argument("--embedding_identifier", default=None,
+                   help="chunk-embedding cache id to use (default: the one built for the retriever)")
+    g.add_argument("--visualisation", action="store_true",
+                   help="at each evaluation, show a sample question, its retrieved chunks and the answer")
+
+    g = p.add_argument_group("retrieval and decoding")
+    g.add_argument("--top_k", type=int, default=5, help="chunks retrieved per question (fed to the generator)")
+    g.add_argument("--temperature", type=float, default=0.0, help="sampling temperature for answers (0 = greedy)")
+    g.add_argument("--sample_top_k", type=int, default=0, help="sample only among this many likeliest tokens (0 = all)")
+    g.add_argument("--max_answer_tokens", type=int, default=None, help="longest generated answer, in tokens")
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    args = build_parser().parse_args(argv)
+    import pipeline
+    from training import UsageError
+
+    try:
+        return pipeline.run(args, argv)
+    except (UsageError, ValueError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

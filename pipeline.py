@@ -1,0 +1,215 @@
+"""The orchestration behind main.py: each target runs (or reuses) the stages before it."""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+
+# Training defaults for flags that default to None on the command line (None = "take it from the checkpoint").
+# Model defaults live in each model's ModelArgs.
+TRAIN_DEFAULTS = {"batch_size": 64, "num_iters": 1500, "retriever_iters": 600, "learning_rate": 1e-3,
+                  "weight_decay": 0.01, "lr_warmup": 100, "steps_per_report": 50, "steps_per_eval": 250, "keep": 3}
+
+
+def setup_runtime(args: argparse.Namespace, argv: list[str]) -> None:
+    """Fast BLAS (may re-exec this process), device and seed."""
+    import fastpath
+
+    if not args.no_fast_blas:
+        print(fastpath.ensure_fast_blas([sys.argv[0], *argv]), flush=True)
+    import mlx.core as mx
+
+    if args.gpu:
+        if not (mx.metal.is_available() or (hasattr(mx, "cuda") and mx.cuda.is_available())):
+            raise ValueError("--gpu: this MLX build has no GPU backend (install mlx on macOS or mlx[cuda] on Linux)")
+        mx.set_default_device(mx.gpu)
+    else:
+        mx.set_default_device(mx.cpu)
+    if not args.no_compile and not fastpath.compiler_available():
+        print("note: g++ not found, so mx.compile cannot fuse kernels on the CPU (apt install g++)")
+    mx.random.seed(args.seed)
+
+
+def train_overrides(args, iters: int | None) -> dict:
+    keys = ("batch_size", "learning_rate", "weight_decay", "lr_warmup", "steps_per_report", "steps_per_eval", "keep")
+    out = {k: getattr(args, k) for k in keys}
+    out["num_iters"] = iters
+    out["seed"] = args.seed
+    return out
+
+
+def with_defaults(overrides: dict, defaults: dict) -> dict:
+    return {k: (overrides.get(k) if overrides.get(k) is not None else defaults.get(k)) for k in set(overrides) | set(defaults)}
+
+
+def model_overrides(args) -> dict:
+    return {"dim": args.dim, "num_blocks": args.num_blocks, "num_heads": args.num_heads, "checkpoint": args.checkpoint}
+
+
+def prepare_dataset(args):
+    import datasets
+
+    spec = datasets.SourceSpec(args.data, args.from_dir, args.corpus_size, args.seed, args.squad_documents,
+                               args.max_questions)
+    to_dir = Path(args.to_dir) if args.to_dir else Path(args.save_dir) / "dataset"
+    if args.batch_size is not None and args.batch_size <= 0:
+        raise ValueError(f"--batch_size must be positive, got {args.batch_size}")
+    datasets.build_dataset(spec, to_dir, args.vocab_size, args.context_size)
+    return datasets.Dataset(to_dir)
+
+
+def checkpoint_dir(args) -> Path:
+    return Path(args.save_dir) / "checkpoints"
+
+
+def get_retriever(args, data, train: bool):
+    """Train/resume the retriever (or only load it), then its cached chunk index."""
+    import index as chunk_index
+    import retriever
+    import training as T
+
+    directory = checkpoint_dir(args)
+    if train:
+        defaults = _train_defaults(directory, "retriever", "retriever_iters", args.new_model)
+        model, rid = retriever.train(
+            data, directory, with_defaults(train_overrides(args, args.retriever_iters), defaults),
+            model_overrides(args), args.retriever_identifier, args.new_model,
+            visualisation=args.visualisation, compile=not args.no_compile,
+        )
+    else:
+        model, found = T.load_or_init(directory, "retriever", retriever.Retriever, retriever.ModelArgs,
+                                      {}, {}, data.tokenizer_sha1, args.retriever_identifier, False)
+        if found is None:
+            raise T.UsageError(f"no retriever checkpoint in {directory}: train one with --target retriever")
+        rid = found.id
+    index = chunk_index.load_or_build(model, rid, data.chunks, directory, embedding_identifier=args.embedding_identifier)
+    return model, rid, index
+
+
+def _train_defaults(directory, ckpt_type: str, iters_key: str, new_model: bool) -> dict:
+    """Defaults for a stage's training flags. When resuming, none: the checkpoint's saved train config fills
+    what the command line leaves out (explicit flags still win)."""
+    import checkpoint
+
+    if not new_model and Path(directory).is_dir() and checkpoint.list_checkpoints(directory, ckpt_type):
+        return {}
+    d = dict(TRAIN_DEFAULTS, num_iters=TRAIN_DEFAULTS[iters_key])
+    d.pop("retriever_iters")
+    return d
+
+
+def retrieve_all(model, data, index, k: int, batch_size: int = 512):
+    """Top-k chunk ids and scores for every question of the dataset, in batches."""
+    import index as chunk_index
+
+    q = chunk_index.embed(model, data.questions, batch_size=batch_size)
+    scores, ids = chunk_index.search(q, index, k)
+    return scores, ids
+
+
+def random_chunks(data, n: int, k: int, seed: int) -> np.ndarray:
+    return np.random.default_rng([seed, 3]).integers(0, len(data.chunks), size=(n, k))
+
+
+def get_generator(args, data, retrieved, rid, train: bool):
+    import generator
+    import training as T
+
+    directory = checkpoint_dir(args)
+    overrides = model_overrides(args)
+    if args.max_answer_tokens is not None:
+        overrides["max_answer_tokens"] = args.max_answer_tokens
+    if train:
+        defaults = _train_defaults(directory, "generator", "num_iters", args.new_model)
+        model, gid = generator.train(
+            data, directory, retrieved, with_defaults(train_overrides(args, args.num_iters), defaults), overrides, rid, args.identifier, args.new_model, visualisation=args.visualisation, compile=not args.no_compile,
+        )
+        return model, gid
+    model, found = T.load_or_init(directory, "generator", generator.Generator, generator.ModelArgs, {}, {},
+                                  data.tokenizer_sha1, args.identifier, False)
+    if found is None:
+        raise T.UsageError(f"no generator checkpoint in {directory}: train one with --target all")
+    return model, found.id
+
+
+def summarise(args, data, retr, index, gen, split: str = "test", max_questions: int = 1000) -> dict:
+    """Retrieval Recall@K / MRR and generator EM / F1 on a split, with retrieved and with random chunks."""
+    import generator
+    import index as chunk_index
+
+    ids = data.split_indices(split)[:max_questions]
+    if len(ids) == 0:
+        print(f"no {split} questions to report on")
+        return {}
+    answerable = ids[data.pos_offsets[ids + 1] > data.pos_offsets[ids]]
+    report = {f"retrieval_{k}": v for k, v in chunk_index.evaluate(retr, data, answerable, index, ks=(1, 5, 20)).items()}
+    if gen is not None:
+        _, top = retrieve_for(retr, data, ids, index, args.top_k)
+        em_r, _ = generator.answer_metrics(gen, data, ids, top)
+        em_x, _ = generator.answer_metrics(gen, data, ids, random_chunks(data, len(ids), args.top_k, args.seed))
+        report.update({"em_retrieved": em_r["em"], "f1_retrieved": em_r["f1"],
+                       "em_random": em_x["em"], "f1_random": em_x["f1"]})
+    print(f"\n{split} set ({len(ids)} questions, {len(answerable)} with an answer chunk):")
+    for k, v in report.items():
+        print(f"  {k:<20} {v:.3f}")
+    return report
+
+
+def retrieve_for(model, data, ids, index, k):
+    import index as chunk_index
+
+    q = chunk_index.embed(model, data.questions[ids])
+    return chunk_index.search(q, index, k)
+
+
+def show_samples(data, retr, index, gen, args, n: int = 3) -> None:
+    """A few test questions with their retrieved chunks and generated answers."""
+    import generator
+
+    ids = data.split_indices("test")[:n]
+    if len(ids) == 0:
+        return
+    scores, top = retrieve_for(retr, data, ids, index, args.top_k)
+    answers = generator.greedy_answers(gen, generator.build_passages(data, data.questions[ids], top))
+    for i, q in enumerate(ids):
+        qa = data.qa[int(q)]
+        print(f"\nQ: {qa['question']}")
+        for s, c in zip(scores[i][:3], top[i][:3]):
+            print(f"   {s:.3f} [{data.chunk_title(int(c))}] {data.chunk_text(int(c))[:90]}...")
+        print(f"A: {data.decode(answers[i])}   (gold: {qa['answers'][0]})")
+
+
+def run(args: argparse.Namespace, argv: list[str]) -> int:
+    setup_runtime(args, argv)
+    if args.target == "none":
+        return 0
+    tic = time.perf_counter()
+    data = prepare_dataset(args)
+    if args.target == "dataset":
+        return 0
+    if args.top_k <= 0:
+        raise ValueError(f"--top_k must be positive, got {args.top_k}")
+    train = not args.inference
+    retr, rid, index = get_retriever(args, data, train)
+    if args.target == "retriever":
+        if args.inference:
+            import inference
+
+            return inference.loop(data, retr, index, None, args)
+        summarise(args, data, retr, index, None)
+        return 0
+    _, retrieved = retrieve_all(retr, data, index, args.top_k)
+    gen, _ = get_generator(args, data, retrieved, rid, train)
+    if args.inference:
+        import inference
+
+        return inference.loop(data, retr, index, gen, args)
+    show_samples(data, retr, index, gen, args)
+    summarise(args, data, retr, index, gen)
+    print(f"\ndone in {time.perf_counter() - tic:.0f}s")
+    return 0

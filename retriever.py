@@ -1,0 +1,185 @@
+"""The retriever: a transformer bi-encoder trained contrastively so that questions land near their chunks."""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import mlx.core as mx
+import mlx.nn as nn
+import numpy as np
+
+from datasets import PAD_ID, Dataset
+from layers import Encoder, init_embedding, padding_mask
+
+
+@dataclass
+class ModelArgs:
+    vocab_size: int
+    dim: int = 128
+    num_blocks: int = 2
+    num_heads: int = 4
+    embedding_dim: int = 128
+    temperature: float = 0.05
+    checkpoint: bool = False
+
+    def __post_init__(self):
+        if self.dim <= 0 or self.num_blocks <= 0 or self.num_heads <= 0:
+            raise ValueError("--dim, --num_blocks and --num_heads must be positive")
+        if self.dim % self.num_heads or (self.dim // self.num_heads) % 2:
+            raise ValueError(f"--dim {self.dim} must be a multiple of 2 x --num_heads {self.num_heads}")
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+class Retriever(nn.Module):
+    """One encoder shared by questions and chunks; masked mean pooling; L2-normalised embeddings."""
+
+    def __init__(self, args: ModelArgs):
+        super().__init__()
+        self.args = args
+        self.embed = nn.Embedding(args.vocab_size, args.dim)
+        init_embedding(self.embed, args.dim)
+        self.encoder = Encoder(args.dim, args.num_blocks, args.num_heads, args.checkpoint)
+        self.proj = nn.Linear(args.dim, args.embedding_dim, bias=False)
+
+    def __call__(self, tokens: mx.array) -> mx.array:
+        valid = tokens != PAD_ID
+        h = self.encoder(self.embed(tokens), padding_mask(valid))
+        w = valid.astype(h.dtype)[..., None]
+        pooled = (h * w).sum(axis=1) / mx.maximum(w.sum(axis=1), 1.0)
+        e = self.proj(pooled)
+        return e * mx.rsqrt((e * e).sum(axis=-1, keepdims=True) + 1e-12)
+
+
+def contrastive_loss(model: Retriever, questions, chunks, positive_mask):
+    """Cross-entropy over the [B, C] question x chunk score matrix (temperature-scaled).
+
+    Chunk i is question i's positive; `positive_mask[i, j]` marks other chunks that also hold question i's
+    answer (duplicates, in-batch collisions): they are removed from the negatives, not counted as errors."""
+    q = model(questions)
+    c = model(chunks)
+    scores = (q @ c.T) / model.args.temperature
+    B = q.shape[0]
+    target = mx.arange(B)
+    eye = mx.arange(scores.shape[1])[None, :] == target[:, None]
+    scores = mx.where(positive_mask & ~eye, -1e9, scores)
+    loss = nn.losses.cross_entropy(scores, target, reduction="mean")
+    acc = (mx.argmax(scores, axis=1) == target).astype(mx.float32).mean()
+    ntokens = (questions != PAD_ID).sum() + (chunks != PAD_ID).sum()
+    return loss, (acc, ntokens)
+
+
+class ContrastiveBatches:
+    """Deterministic batches: step s always yields the same questions, positives and sampled negatives."""
+
+    def __init__(self, data: Dataset, question_ids: np.ndarray, batch_size: int, negatives: int, seed: int):
+        if len(question_ids) < batch_size:
+            raise ValueError(
+                f"--batch_size {batch_size} is larger than the {len(question_ids)} answerable training questions"
+            )
+        self.data, self.ids, self.B, self.negatives, self.seed = data, question_ids, batch_size, negatives, seed
+        self.per_epoch = len(question_ids) // batch_size
+        self._order_cache: tuple[int, np.ndarray] | None = None
+        self.positive_sets = {int(i): set(data.positives(int(i)).tolist()) for i in question_ids}
+
+    def _order(self, epoch: int) -> np.ndarray:
+        if self._order_cache is None or self._order_cache[0] != epoch:
+            self._order_cache = (epoch, np.random.default_rng([self.seed, epoch]).permutation(self.ids))
+        return self._order_cache[1]
+
+    def __call__(self, step: int):
+        epoch, k = divmod(step, self.per_epoch)
+        qids = self._order(epoch)[k * self.B : (k + 1) * self.B]
+        rng = np.random.default_rng([self.seed, 1, step])
+        pos = [int(rng.choice(self.data.positives(int(q)))) for q in qids]
+        neg = rng.integers(0, len(self.data.chunks), size=self.negatives).tolist()
+        chunk_ids = pos + neg
+        mask = np.array([[c in self.positive_sets[int(q)] for c in chunk_ids] for q in qids], dtype=bool)
+        return (
+            np.asarray(self.data.questions[qids]),
+            np.asarray(self.data.chunks[np.array(chunk_ids)]),
+            mask,
+        )
+
+
+def train(
+    data: Dataset,
+    directory,
+    train_overrides: dict,
+    model_overrides: dict,
+    identifier: str | None = None,
+    new_model: bool = False,
+    negatives: int | None = None,
+    eval_questions: int = 1000,
+    visualisation: bool = False,
+    compile: bool = True,
+    log=print,
+) -> tuple[Retriever, str | None]:
+    """Train (or resume) the retriever on the dataset's training questions; returns the model and its
+    checkpoint id. Evaluates Recall@1/5/20 and MRR on validation questions against the whole chunk index."""
+    import index as chunk_index
+    import training as T
+
+    model, found = T.load_or_init(
+        directory, "retriever", Retriever, ModelArgs, {"vocab_size": data.vocab_size}, model_overrides,
+        data.tokenizer_sha1, identifier, new_model, log,
+    )
+    if model.args.vocab_size != data.vocab_size:
+        raise T.UsageError(f"retriever vocab_size {model.args.vocab_size} != tokenizer's {data.vocab_size}")
+    cfg = T.TrainConfig.merged(found.metadata.get("train") if found else None, train_overrides)
+    train_ids = data.split_indices("train", answerable=True)
+    valid_ids = data.split_indices("valid", answerable=True)[:eval_questions]
+    if len(train_ids) == 0:
+        raise T.UsageError("no training questions with an answer chunk: the retriever needs QA pairs")
+    batches = ContrastiveBatches(data, train_ids, cfg.batch_size, cfg.batch_size if negatives is None else negatives, cfg.seed)
+    optimizer = T.make_optimizer(cfg)
+    T.restore_optimizer(optimizer, model, found.optimizer_state if found else {})
+    start = int(found.metadata.get("step", 0)) if found else 0
+    state = {"id": found.id if found else None, "best": (found.metadata.get("best") if found else None)}
+    log(f"retriever: {T.count_parameters(model):,} parameters, {len(train_ids):,} training questions, "
+        f"{len(data.chunks):,} chunks")
+
+    def evaluate(step: int) -> dict:
+        if len(valid_ids) == 0:
+            return {}
+        index = chunk_index.embed(model, data.chunks)
+        metrics = chunk_index.evaluate(model, data, valid_ids, index)
+        log(f"eval  {step:>6}  " + "  ".join(f"{k} {v:.3f}" for k, v in metrics.items()))
+        if visualisation:
+            show_retrieval(model, data, int(valid_ids[0]), index, log=log)
+        return metrics
+
+    def save(step: int, metrics: dict) -> None:
+        score = metrics.get("recall@5")
+        if score is not None and (state["best"] is None or score > state["best"]["recall@5"]):
+            state["best"] = {"recall@5": score, "step": step}
+        state["id"] = T.save_state(directory, "retriever", model, optimizer, step, cfg, metrics,
+                                   {"tokenizer_sha1": data.tokenizer_sha1, "best": state["best"]}, state["id"])
+        log(f"saved retriever {state['id'][:12]} at step {step}")
+
+    ckpt_cleanup(directory)
+    T.fit(model, optimizer, cfg, contrastive_loss, batches, start, evaluate, save, "acc", log, compile)
+    return model, state["id"]
+
+
+def ckpt_cleanup(directory) -> None:
+    import checkpoint
+
+    if Path(directory).is_dir():
+        checkpoint.cleanup_temp_files(directory)
+
+
+def show_retrieval(model: Retriever, data: Dataset, question: int, index: mx.array, k: int = 3, log=print) -> None:
+    """Print one validation question with its top-k chunks (for --visualisation)."""
+    import index as chunk_index
+
+    q = model(mx.array(np.asarray(data.questions[question : question + 1])))
+    scores, ids = chunk_index.search(q, index, k)
+    qa = data.qa[question]
+    log(f"  Q: {qa['question']}  (gold: {qa['answers'][0]})")
+    gold = set(data.positives(question).tolist())
+    for s, c in zip(scores[0], ids[0]):
+        mark = "*" if int(c) in gold else " "
+        log(f"  {mark} {s:.3f} [{data.chunk_title(int(c))}] {data.chunk_text(int(c))[:100]}")

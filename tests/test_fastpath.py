@@ -1,0 +1,203 @@
+"""Tests for fastpath: when to re-exec with a fast BLAS preloaded, and how the BLAS in use is detected."""
+
+from __future__ import annotations
+
+import os
+import platform
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+import fastpath
+
+ROOT = Path(__file__).resolve().parent.parent
+FAKE_LIB = "/opt/fake/libopenblas.so.0"
+
+
+class FakeExec:
+    """Records execve calls instead of replacing the process."""
+
+    def __init__(self) -> None:
+        self.calls: list[tuple[str, list[str], dict[str, str]]] = []
+
+    def __call__(self, path: str, args: list[str], env: dict[str, str]) -> None:
+        self.calls.append((path, list(args), dict(env)))
+
+
+@pytest.fixture
+def slow_linux(monkeypatch):
+    """Pretend this is Linux with MLX on the reference BLAS and a fast BLAS at FAKE_LIB."""
+    monkeypatch.setattr(sys, "platform", "linux")
+    monkeypatch.setattr(platform, "system", lambda: "Linux")
+    monkeypatch.setattr(fastpath, "uses_reference_blas", lambda: True)
+    monkeypatch.setattr(fastpath, "find_fast_blas", lambda env=None: FAKE_LIB)
+
+
+def test_reexecs_with_preload_when_reference_blas(slow_linux):
+    execv, env = FakeExec(), {"PATH": "/usr/bin", "HOME": "/root"}
+    fastpath.ensure_fast_blas(["main.py", "--target", "all"], env=env, execv=execv)
+    assert len(execv.calls) == 1
+    path, args, new_env = execv.calls[0]
+    assert path == sys.executable
+    assert args == [sys.executable, "main.py", "--target", "all"]
+    assert new_env["LD_PRELOAD"] == FAKE_LIB
+    assert new_env["RAGMLX_REEXEC"] == "1"
+    assert new_env["PATH"] == "/usr/bin"
+    assert "LD_PRELOAD" not in env, "the caller's environment must not be mutated"
+
+
+def test_existing_preload_is_kept_after_ours(slow_linux):
+    execv = FakeExec()
+    fastpath.ensure_fast_blas(["main.py"], env={"LD_PRELOAD": "/x/libjemalloc.so"}, execv=execv)
+    assert execv.calls[0][2]["LD_PRELOAD"] == f"{FAKE_LIB}:/x/libjemalloc.so"
+
+
+def test_no_reexec_loop_when_already_reexeced(slow_linux):
+    execv = FakeExec()
+    message = fastpath.ensure_fast_blas(["main.py"], env={"RAGMLX_REEXEC": "1", "LD_PRELOAD": FAKE_LIB}, execv=execv)
+    assert execv.calls == []
+    assert message.startswith("BLAS: reference") and "did not take effect" in message
+
+
+def test_opt_out_env_var(slow_linux):
+    execv = FakeExec()
+    message = fastpath.ensure_fast_blas(["main.py"], env={"RAGMLX_FAST_BLAS": "0"}, execv=execv)
+    assert execv.calls == []
+    assert "disabled by RAGMLX_FAST_BLAS=0" in message
+
+
+def test_no_fast_blas_found_returns_slow_message(slow_linux, monkeypatch):
+    monkeypatch.setattr(fastpath, "find_fast_blas", lambda env=None: None)
+    execv = FakeExec()
+    message = fastpath.ensure_fast_blas(["main.py"], env={}, execv=execv)
+    assert execv.calls == []
+    assert "reference netlib BLAS (slow" in message and "libopenblas0-pthread" in message
+
+
+def test_no_reexec_when_fast_blas_already_in_use(slow_linux, monkeypatch):
+    monkeypatch.setattr(fastpath, "uses_reference_blas", lambda: False)
+    monkeypatch.setattr(fastpath, "mlx_blas_library", lambda: FAKE_LIB)
+    execv = FakeExec()
+    message = fastpath.ensure_fast_blas(["main.py"], env={"RAGMLX_REEXEC": "1"}, execv=execv)
+    assert execv.calls == []
+    assert message == f"BLAS: OpenBLAS ({FAKE_LIB}, preloaded)"
+
+
+def test_macos_never_reexecs_and_is_not_reference(monkeypatch):
+    monkeypatch.setattr(sys, "platform", "darwin")
+    monkeypatch.setattr(platform, "system", lambda: "Darwin")
+    monkeypatch.setattr(fastpath, "find_fast_blas", lambda env=None: FAKE_LIB)
+    execv = FakeExec()
+    assert fastpath.ensure_fast_blas(["main.py"], env={}, execv=execv) == "BLAS: Accelerate (macOS)"
+    assert execv.calls == []
+    # The real check must not be fooled by this Linux process's maps.
+    assert fastpath.uses_reference_blas() is False
+    assert fastpath.blas_in_use() == "Accelerate (macOS)"
+    assert fastpath.compiler_available() is True
+
+
+def test_explicit_blas_path_errors_name_the_variable(tmp_path):
+    with pytest.raises(ValueError, match="RAGMLX_BLAS=.*no such file"):
+        fastpath.find_fast_blas({"RAGMLX_BLAS": str(tmp_path / "missing.so")})
+    not_elf = tmp_path / "libblas.so"
+    not_elf.write_bytes(b"not an ELF file")
+    with pytest.raises(ValueError, match="does not export cblas_sgemm"):
+        fastpath.find_fast_blas({"RAGMLX_BLAS": str(not_elf)})
+
+
+def _mlx_lib_dir() -> Path:
+    import mlx.core as mx
+
+    return Path(mx.__file__).resolve().parent / "lib"
+
+
+def test_symbol_reader_sees_defined_not_imported_symbols():
+    libmlx = _mlx_lib_dir() / "libmlx.so"
+    if not libmlx.exists():
+        pytest.skip("mlx is not the Linux wheel layout (no mlx/lib/libmlx.so)")
+    # libmlx.so imports cblas_sgemm, so it must not count as exporting it.
+    assert "cblas_sgemm" not in fastpath.exported_symbols(str(libmlx))
+    bundled = sorted((_mlx_lib_dir().parent.parent / "mlx_cpu.libs").glob("libblas-*.so*"))
+    if bundled:
+        assert fastpath.is_usable_blas(str(bundled[0]))
+        assert fastpath.classify_blas(str(bundled[0])) == "reference netlib BLAS"
+
+
+def test_numpy_scipy_openblas_is_not_preloadable():
+    import numpy
+
+    libs = sorted((Path(numpy.__file__).resolve().parent.parent / "numpy.libs").glob("libscipy_openblas*.so*"))
+    if not libs:
+        pytest.skip("this numpy wheel bundles no scipy_openblas")
+    # Prefixed names (scipy_cblas_sgemm64_) cannot stand in for the cblas_sgemm MLX imports.
+    assert not fastpath.is_usable_blas(str(libs[0]))
+
+
+@pytest.mark.parametrize(
+    "path, name",
+    [
+        ("/nonexistent/x86_64-linux-gnu/openblas-pthread/libblas.so.3", "OpenBLAS"),
+        ("/nonexistent/lib/libopenblas.so.0", "OpenBLAS"),
+        ("/nonexistent/venv/lib/libmkl_rt.so.2", "MKL"),
+        ("/nonexistent/x86_64-linux-gnu/blas/libblas.so.3", "reference netlib BLAS"),
+        ("/nonexistent/site-packages/mlx_cpu.libs/libblas-bd8a282c.so.3.10.0", "reference netlib BLAS"),
+    ],
+)
+def test_classify_blas(path, name):
+    assert fastpath.classify_blas(path) == name
+
+
+def test_compiler_check(monkeypatch):
+    monkeypatch.setattr(sys, "platform", "linux")
+    monkeypatch.setattr(platform, "system", lambda: "Linux")
+    monkeypatch.setattr(fastpath.shutil, "which", lambda name: None)
+    assert fastpath.compiler_available() is False
+    assert "g++" in fastpath.compiler_message()
+    monkeypatch.setattr(fastpath.shutil, "which", lambda name: f"/usr/bin/{name}")
+    assert fastpath.compiler_available() is True
+    assert fastpath.compiler_message() is None
+
+
+def _clean_env() -> dict[str, str]:
+    drop = {"LD_PRELOAD", "RAGMLX_REEXEC", "RAGMLX_FAST_BLAS", "RAGMLX_BLAS"}
+    return {k: v for k, v in os.environ.items() if k not in drop}
+
+
+SNIPPET = (
+    "import sys, fastpath\n"
+    "print(fastpath.ensure_fast_blas(sys.argv))\n"
+    "print(sys.argv[1:])\n"
+    "print(fastpath.blas_in_use())\n"
+)
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="the BLAS re-exec only happens on Linux")
+def test_real_reexec_loads_fast_blas():
+    env = _clean_env()
+    lib = fastpath.find_fast_blas(env)
+    if lib is None:
+        pytest.skip("no fast BLAS on this machine (apt-get install libopenblas0-pthread or pip install mkl)")
+    out = subprocess.run(
+        [sys.executable, "-c", SNIPPET, "--flag", "value"],
+        cwd=ROOT, env=env, capture_output=True, text=True, timeout=60,
+    )
+    assert out.returncode == 0, out.stderr
+    message, args, in_use = out.stdout.strip().splitlines()[-3:]
+    assert args == "['--flag', 'value']", "the re-exec must keep `-c CODE` and the arguments"
+    assert fastpath.classify_blas(lib) in in_use and "reference" not in in_use
+    assert message.endswith(", preloaded)")
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="the BLAS re-exec only happens on Linux")
+def test_real_opt_out_keeps_bundled_blas():
+    bundled = sorted((_mlx_lib_dir().parent.parent / "mlx_cpu.libs").glob("libblas-*.so*"))
+    if not bundled:
+        pytest.skip("this mlx build does not bundle the reference BLAS")
+    env = dict(_clean_env(), RAGMLX_FAST_BLAS="0")
+    out = subprocess.run([sys.executable, "-c", SNIPPET], cwd=ROOT, env=env, capture_output=True, text=True, timeout=60)
+    assert out.returncode == 0, out.stderr
+    message, _args, in_use = out.stdout.strip().splitlines()[-3:]
+    assert "disabled by RAGMLX_FAST_BLAS=0" in message
+    assert in_use.startswith("reference netlib BLAS") and "mlx_cpu.libs" in in_use

@@ -1,0 +1,279 @@
+"""The training loop both models share: schedule, compiled step, cadence, Ctrl+C and resume."""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import signal
+import time
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from functools import partial
+from typing import Callable, Iterator
+
+import mlx.core as mx
+import mlx.nn as nn
+import mlx.optimizers as optim
+from mlx.utils import tree_flatten
+
+import checkpoint as ckpt
+
+
+class UsageError(ValueError):
+    """Bad input from the user: main.py prints the message on one line and exits with code 2."""
+
+
+@dataclass
+class TrainConfig:
+    batch_size: int = 64
+    num_iters: int = 1000
+    learning_rate: float = 1e-3
+    weight_decay: float = 0.01
+    lr_warmup: int = 100
+    grad_clip: float = 1.0
+    steps_per_report: int = 50
+    steps_per_eval: int = 250
+    seed: int = 0
+    keep: int = 3
+
+    def __post_init__(self):
+        for name in ("batch_size", "num_iters", "steps_per_report", "steps_per_eval"):
+            if getattr(self, name) <= 0:
+                raise UsageError(f"--{name} must be positive, got {getattr(self, name)}")
+        if self.lr_warmup < 0 or self.learning_rate <= 0:
+            raise UsageError("--lr_warmup must be >= 0 and --learning_rate > 0")
+
+    @classmethod
+    def merged(cls, saved: dict | None, overrides: dict) -> "TrainConfig":
+        """A saved config (on resume) with the command-line values that were given on top."""
+        fields = {f.name for f in dataclasses.fields(cls)}
+        values = {k: v for k, v in (saved or {}).items() if k in fields}
+        values.update({k: v for k, v in overrides.items() if k in fields and v is not None})
+        return cls(**values)
+
+
+def make_optimizer(cfg: TrainConfig) -> optim.Optimizer:
+    """AdamW with linear warm-up then cosine decay to 10%; the schedule is a function of the optimizer's own
+    step counter, which is saved in its state, so a resumed run continues on the same curve."""
+    decay = optim.cosine_decay(cfg.learning_rate, max(cfg.num_iters - cfg.lr_warmup, 1), cfg.learning_rate * 0.1)
+    if cfg.lr_warmup > 0:
+        warmup = optim.linear_schedule(cfg.learning_rate * 0.01, cfg.learning_rate, cfg.lr_warmup)
+        schedule = optim.join_schedules([warmup, decay], [cfg.lr_warmup])
+    else:
+        schedule = decay
+    return optim.AdamW(learning_rate=schedule, weight_decay=cfg.weight_decay)
+
+
+class GracefulInterrupt:
+    """First Ctrl+C asks the loop to stop after the current step (and save); the second exits at once.
+
+    Saves are atomic (temp file + rename), so exiting mid-save never leaves a torn checkpoint."""
+
+    def __init__(self, log: Callable[[str], None] = print):
+        self.requested = False
+        self.log = log
+        self._previous = None
+
+    def _handler(self, signum, frame):
+        if self.requested:
+            os._exit(130)
+        self.requested = True
+        self.log("\ninterrupt: finishing this step, saving, then exiting (Ctrl+C again to exit now)")
+
+    def __enter__(self):
+        try:
+            self._previous = signal.signal(signal.SIGINT, self._handler)
+        except ValueError:  # not the main thread (e.g. some test runners): no handler, plain KeyboardInterrupt
+            self._previous = None
+        return self
+
+    def __exit__(self, *exc):
+        if self._previous is not None:
+            signal.signal(signal.SIGINT, self._previous)
+        return False
+
+
+def clip_grads(grads, max_norm: float):
+    if max_norm <= 0:
+        return grads
+    return optim.clip_grad_norm(grads, max_norm)[0]
+
+
+def build_step(model: nn.Module, optimizer: optim.Optimizer, loss_fn: Callable, grad_clip: float, compile: bool = True):
+    """One optimisation step `step(*batch) -> (loss, aux)`; compiled with model and optimizer state captured."""
+    loss_and_grad = nn.value_and_grad(model, loss_fn)
+
+    def step(*batch):
+        (loss, aux), grads = loss_and_grad(model, *batch)
+        optimizer.update(model, clip_grads(grads, grad_clip))
+        return loss, aux
+
+    if not compile:
+        return step
+    state = [model.state, optimizer.state]
+    return partial(mx.compile, inputs=state, outputs=state)(step)
+
+
+def optimizer_state_arrays(optimizer: optim.Optimizer) -> dict[str, mx.array]:
+    return ckpt.flatten_tree(optimizer.state)
+
+
+def restore_optimizer(optimizer: optim.Optimizer, model: nn.Module, flat: dict[str, mx.array]) -> None:
+    """Load saved moments and step; `init` first so the state has the model's structure."""
+    optimizer.init(model.trainable_parameters())
+    if flat:
+        optimizer.state = ckpt.unflatten_tree(flat)
+
+
+def prefetch(make_batch: Callable[[int], tuple], start: int, stop: int) -> Iterator[tuple[int, tuple]]:
+    """Yield (step, batch) for start..stop-1, preparing the next batch on a thread while the current step runs."""
+    if start >= stop:
+        return
+    with ThreadPoolExecutor(max_workers=1) as pool:
+        future = pool.submit(make_batch, start)
+        for step in range(start, stop):
+            batch = future.result()
+            if step + 1 < stop:
+                future = pool.submit(make_batch, step + 1)
+            yield step, batch
+
+
+def fit(
+    model: nn.Module,
+    optimizer: optim.Optimizer,
+    cfg: TrainConfig,
+    loss_fn: Callable,
+    make_batch: Callable[[int], tuple],
+    start_step: int,
+    evaluate: Callable[[int], dict],
+    save: Callable[[int, dict], None],
+    aux_name: str = "acc",
+    log: Callable[[str], None] = print,
+    compile: bool = True,
+) -> dict:
+    """Train from `start_step` to `cfg.num_iters`.
+
+    `make_batch(step)` returns numpy arrays for that step only (deterministic in the step, so resuming at step s
+    sees the same data as an uninterrupted run). `loss_fn(model, *batch) -> (loss, (aux, ntokens))`.
+    Evaluates at the first step, every `steps_per_eval` and the last; saves after each evaluation and on Ctrl+C.
+    Returns the last metrics."""
+    step_fn = build_step(model, optimizer, loss_fn, cfg.grad_clip, compile=compile)
+    metrics: dict = {}
+    if start_step >= cfg.num_iters:
+        log(f"already trained to step {start_step} (--num_iters {cfg.num_iters}); raise --num_iters to go on")
+        return metrics
+    losses, auxes, ntoks = [], [], []
+    tic = time.perf_counter()
+    with GracefulInterrupt(log) as interrupt:
+        for step, batch in prefetch(make_batch, start_step, cfg.num_iters):
+            if step == start_step and start_step == 0:
+                metrics = evaluate(step)
+            loss, (aux, ntok) = step_fn(*(mx.array(b) for b in batch))
+            mx.eval(loss, aux, ntok, model.state, optimizer.state)
+            losses.append(loss)
+            auxes.append(aux)
+            ntoks.append(ntok)
+            done = step + 1
+            if done % cfg.steps_per_report == 0 or done == cfg.num_iters or interrupt.requested:
+                elapsed = time.perf_counter() - tic
+                n = len(losses)
+                # .item() only here, once per report.
+                mean_loss = mx.mean(mx.stack(losses)).item()
+                mean_aux = mx.mean(mx.stack(auxes)).item()
+                tokens = mx.sum(mx.stack(ntoks)).item()
+                lr = optimizer.learning_rate.item()
+                log(
+                    f"step {done:>6}/{cfg.num_iters}  loss {mean_loss:.4f}  {aux_name} {mean_aux:.3f}  "
+                    f"lr {lr:.2e}  {n / elapsed:.2f} it/s  {tokens / elapsed:,.0f} tok/s  "
+                    f"peak mem {mx.get_peak_memory() / 2**20:,.0f} MiB"
+                )
+                metrics["train_loss"] = mean_loss
+                losses, auxes, ntoks = [], [], []
+                tic = time.perf_counter()
+            if done % cfg.steps_per_eval == 0 or done == cfg.num_iters:
+                metrics.update(evaluate(done))
+                save(done, metrics)
+                tic = time.perf_counter()
+            elif interrupt.requested:
+                save(done, metrics)
+            if interrupt.requested:
+                log(f"stopped at step {done}; resume by running the same command again")
+                break
+    return metrics
+
+
+def count_parameters(model: nn.Module) -> int:
+    return sum(v.size for _, v in tree_flatten(model.parameters()))
+
+
+def load_or_init(
+    directory,
+    ckpt_type: str,
+    model_cls,
+    args_cls,
+    model_defaults: dict,
+    model_overrides: dict,
+    tokenizer_sha1: str,
+    identifier: str | None = None,
+    new_model: bool = False,
+    log: Callable[[str], None] = print,
+):
+    """The model to train or use: from the newest valid checkpoint (or `identifier`), else freshly initialised.
+
+    On resume the architecture comes from the checkpoint; a command-line value that contradicts it is an error.
+    Returns (model, checkpoint or None)."""
+    found = None
+    if not new_model:
+        try:
+            found = ckpt.load_checkpoint(directory, ckpt_type, identifier, warn=log)
+        except ckpt.CheckpointError as e:
+            raise UsageError(str(e)) from None
+    if found is None:
+        if identifier is not None:
+            raise UsageError(f"{ckpt_type} checkpoint {identifier!r} not found in {directory}")
+        values = dict(model_defaults)
+        values.update({k: v for k, v in model_overrides.items() if v is not None})
+        try:
+            args = args_cls(**values)
+        except ValueError as e:
+            raise UsageError(str(e)) from None
+        return model_cls(args), None
+    saved = dict(found.metadata.get("model", {}))
+    if model_overrides.get("checkpoint") is not None:  # gradient checkpointing is not architecture
+        saved["checkpoint"] = model_overrides["checkpoint"]
+    for k, v in model_overrides.items():
+        if v is not None and k in saved and saved[k] != v:
+            raise UsageError(
+                f"--{k} {v} conflicts with {ckpt_type} checkpoint {found.id[:12]} ({k}={saved[k]}); "
+                f"drop the flag to resume, or pass --new_model"
+            )
+    if found.metadata.get("tokenizer_sha1") != tokenizer_sha1:
+        raise UsageError(
+            f"{ckpt_type} checkpoint {found.id[:12]} was trained with another tokenizer than the dataset's; "
+            f"rebuild the matching dataset or pass --new_model"
+        )
+    model = model_cls(args_cls(**saved))
+    try:
+        model.load_weights(list(found.weights.items()), strict=True)
+    except ValueError as e:
+        raise UsageError(f"{found.path.name}: weights do not match its config ({e})") from None
+    mx.eval(model.parameters())
+    log(f"{ckpt_type}: resuming from {found.id[:12]} at step {found.metadata.get('step', 0)}")
+    return model, found
+
+
+def save_state(directory, ckpt_type: str, model: nn.Module, optimizer: optim.Optimizer | None, step: int,
+               cfg: TrainConfig, metrics: dict, extra: dict, parent: str | None) -> str:
+    """Save weights, optimizer state and everything needed to resume as one atomic checkpoint."""
+    meta = {
+        "model": model.args.to_dict(),
+        "train": dataclasses.asdict(cfg),
+        "step": step,
+        "data_position": {"seed": cfg.seed, "step": step},
+        "metrics": metrics,
+        "parent": parent,
+    }
+    meta.update(extra)
+    weights = dict(tree_flatten(model.parameters()))
+    opt = optimizer_state_arrays(optimizer) if optimizer is not None else None
+    return ckpt.save_checkpoint(directory, ckpt_type, weights, opt, meta, keep=cfg.keep)
