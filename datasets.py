@@ -180,7 +180,11 @@ def _pad_rows(rows: list[list[int]], width: int) -> np.ndarray:
 
 
 def fingerprint(spec: SourceSpec, vocab_size: int, context_size: int) -> str:
+    import builtin_corpus
+
     payload = dict(vars(spec), vocab_size=vocab_size, context_size=context_size, version=FORMAT_VERSION)
+    if spec.data == "builtin":  # new templates must not reuse an old cache
+        payload["builtin_version"] = builtin_corpus.VERSION
     if spec.from_dir:
         payload["from_dir"] = os.path.abspath(spec.from_dir)
     return hashlib.sha1(json.dumps(payload, sort_keys=True).encode()).hexdigest()

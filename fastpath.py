@@ -5,8 +5,9 @@ The Linux `mlx-cpu` wheel links `libmlx.so` against the netlib *reference* BLAS 
 libraries come first in every lookup scope, so re-executing the interpreter with a fast BLAS preloaded
 makes MLX call it instead. This has to happen before the process starts, hence the re-exec.
 
-numpy/scipy's bundled `scipy_openblas` cannot serve: it exports prefixed, 64-bit-index names
-(`scipy_cblas_sgemm64_`), not the `cblas_sgemm` MLX imports. On macOS MLX already uses Accelerate.
+The `scipy_openblas` that numpy and scipy wheels bundle cannot serve: it exports only prefixed names
+(`scipy_cblas_sgemm64_`, `scipy_cblas_sgemm`), not the `cblas_sgemm` MLX imports. On macOS MLX already
+uses Accelerate.
 """
 
 from __future__ import annotations
@@ -84,7 +85,7 @@ def is_usable_blas(path: str) -> bool:
     """True when `path` is a shared library that defines every CBLAS entry point MLX imports."""
     try:
         return set(REQUIRED_SYMBOLS) <= exported_symbols(path)
-    except OSError:
+    except (OSError, struct.error):  # unreadable or truncated file
         return False
 
 
@@ -263,7 +264,10 @@ def ensure_fast_blas(
     command = _command_line(argv)
     sys.stdout.flush()  # exec discards buffered output
     sys.stderr.flush()
-    execv(command[0], command, new_env)
+    try:
+        execv(command[0], command, new_env)
+    except OSError as err:
+        return f"BLAS: reference netlib BLAS (slow; re-exec with {lib} failed: {err})"
     return f"BLAS: re-executing with LD_PRELOAD={new_env['LD_PRELOAD']}"
 
 

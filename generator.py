@@ -3,13 +3,14 @@
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass
-from typing import Iterator
+from typing import Iterator, NamedTuple
 
 import mlx.core as mx
 import mlx.nn as nn
 import numpy as np
 
 from datasets import BOS_ID, EOS_ID, PAD_ID, Dataset
+from training import UsageError
 from layers import NEG_INF, DecoderBlock, Encoder, init_embedding, padding_mask
 
 
@@ -21,6 +22,7 @@ class ModelArgs:
     num_decoder_blocks: int = 2
     num_heads: int = 4
     max_answer_tokens: int = 32
+    copy: bool = True
     checkpoint: bool = False
 
     def __post_init__(self):
@@ -33,9 +35,41 @@ class ModelArgs:
         return asdict(self)
 
 
+class Memory(NamedTuple):
+    """The encoded passages of a batch: states [B, S, D], additive mask [B, 1, 1, S], token ids [B, S]."""
+
+    states: mx.array
+    mask: mx.array
+    tokens: mx.array
+
+
+class Pointer(nn.Module):
+    """Copy attention (pointer-generator, See et al. 2017): a distribution over memory positions and a gate
+    that mixes copying a passage token with generating from the vocabulary. Answers in RAG are mostly spans
+    of the retrieved text, and copying them is far easier to learn from little data than generating them."""
+
+    def __init__(self, dim: int):
+        super().__init__()
+        self.q_proj = nn.Linear(dim, dim, bias=False)
+        self.k_proj = nn.Linear(dim, dim, bias=False)
+        self.gate = nn.Linear(dim, 1)
+        self.scale = dim**-0.5
+
+    def __call__(self, h: mx.array, memory: Memory, cache: dict | None = None) -> tuple[mx.array, mx.array]:
+        if cache is not None and "k" in cache:
+            k = cache["k"]
+        else:
+            k = self.k_proj(memory.states)
+            if cache is not None:
+                cache["k"] = k
+        scores = (self.q_proj(h) * self.scale) @ k.transpose(0, 2, 1) + memory.mask[:, 0]
+        return mx.softmax(scores, axis=-1), mx.sigmoid(self.gate(h))
+
+
 class Generator(nn.Module):
     """`encode` each (question, chunk) passage on its own, concatenate the encodings as one memory, and
-    `decode` the answer with causal self-attention and cross-attention over all passages at once."""
+    `decode` the answer with causal self-attention and cross-attention over all passages at once; with
+    `copy`, a pointer over the memory's tokens is mixed into the output distribution."""
 
     def __init__(self, args: ModelArgs):
         super().__init__()
@@ -45,17 +79,19 @@ class Generator(nn.Module):
         self.encoder = Encoder(args.dim, args.num_blocks, args.num_heads, args.checkpoint)
         self.blocks = [DecoderBlock(args.dim, args.num_heads) for _ in range(args.num_decoder_blocks)]
         self.norm = nn.RMSNorm(args.dim)
+        if args.copy:
+            self.pointer = Pointer(args.dim)
 
-    def encode(self, passages: mx.array) -> tuple[mx.array, mx.array]:
-        """passages [B, P, L] -> memory [B, P*L, D] and its additive mask [B, 1, 1, P*L]."""
+    def encode(self, passages: mx.array) -> Memory:
+        """passages [B, P, L] -> one memory of P*L positions per question (each passage encoded on its own)."""
         B, P, L = passages.shape
         flat = passages.reshape(B * P, L)
         valid = flat != PAD_ID
         h = self.encoder(self.embed(flat), padding_mask(valid))
-        return h.reshape(B, P * L, -1), padding_mask(valid.reshape(B, P * L))
+        return Memory(h.reshape(B, P * L, -1), padding_mask(valid.reshape(B, P * L)), passages.reshape(B, P * L))
 
-    def decode(self, tokens: mx.array, memory: mx.array, memory_mask: mx.array, cache: list | None = None) -> mx.array:
-        """tokens [B, T] -> logits [B, T, V]. With a cache, only the new tokens are passed in."""
+    def decode(self, tokens: mx.array, memory: Memory, cache: list | None = None) -> mx.array:
+        """tokens [B, T] -> log-probabilities [B, T, V]. With a cache, only the new tokens are passed in."""
         x = self.embed(tokens)
         T = x.shape[1]
         if cache is None or T > 1:
@@ -64,15 +100,26 @@ class Generator(nn.Module):
         else:
             causal = None  # one new token attends to every cached one
         for i, block in enumerate(self.blocks):
-            x = block(x, memory, causal, memory_mask, None if cache is None else cache[i])
-        return self.embed.as_linear(self.norm(x))
+            x = block(x, memory.states, causal, memory.mask, None if cache is None else cache[i])
+        h = self.norm(x)
+        logits = self.embed.as_linear(h)
+        if not self.args.copy:
+            return logits - mx.logsumexp(logits, axis=-1, keepdims=True)
+        attn, gate = self.pointer(h, memory, None if cache is None else cache[-1])
+        B, T, S = attn.shape
+        # Scatter the copy attention onto the vocabulary ids of the memory tokens: [B, T, V].
+        b = mx.broadcast_to(mx.arange(B)[:, None, None], (B, T, S))
+        t = mx.broadcast_to(mx.arange(T)[None, :, None], (B, T, S))
+        v = mx.broadcast_to(memory.tokens[:, None, :], (B, T, S))
+        copy = mx.zeros(logits.shape, dtype=attn.dtype).at[b, t, v].add(attn)
+        probs = (1 - gate) * mx.softmax(logits, axis=-1) + gate * copy
+        return mx.log(probs + 1e-9)
 
     def __call__(self, passages: mx.array, answer_in: mx.array) -> mx.array:
-        memory, memory_mask = self.encode(passages)
-        return self.decode(answer_in, memory, memory_mask)
+        return self.decode(answer_in, self.encode(passages))
 
     def make_cache(self) -> list[dict]:
-        return [{} for _ in self.blocks]
+        return [{} for _ in range(len(self.blocks) + 1)]
 
     def generate(self, passages: mx.array, max_tokens: int | None = None, temperature: float = 0.0,
                  sample_top_k: int = 0, seed: int | None = None) -> Iterator[mx.array]:
@@ -82,11 +129,11 @@ class Generator(nn.Module):
         The caller stops when every row has produced EOS."""
         max_tokens = max_tokens or self.args.max_answer_tokens
         key = mx.random.key(seed) if seed is not None else None
-        memory, memory_mask = self.encode(passages)
+        memory = self.encode(passages)
         cache = self.make_cache()
         tokens = mx.full((passages.shape[0], 1), BOS_ID, dtype=mx.int32)
         for _ in range(max_tokens):
-            logits = self.decode(tokens, memory, memory_mask, cache)[:, -1, :]
+            logits = self.decode(tokens, memory, cache)[:, -1, :]
             if temperature <= 0:
                 nxt = mx.argmax(logits, axis=-1)
             else:
@@ -107,10 +154,10 @@ class Generator(nn.Module):
     def generate_recompute(self, passages: mx.array, max_tokens: int) -> list[list[int]]:
         """Greedy decoding that re-runs the decoder over the whole prefix for every token (the reference the
         cached path is tested and benchmarked against)."""
-        memory, memory_mask = self.encode(passages)
+        memory = self.encode(passages)
         tokens = mx.full((passages.shape[0], 1), BOS_ID, dtype=mx.int32)
         for _ in range(max_tokens):
-            nxt = mx.argmax(self.decode(tokens, memory, memory_mask)[:, -1, :], axis=-1).astype(mx.int32)
+            nxt = mx.argmax(self.decode(tokens, memory)[:, -1, :], axis=-1).astype(mx.int32)
             tokens = mx.concatenate([tokens, nxt[:, None]], axis=1)
         return np.array(tokens[:, 1:]).tolist()
 
@@ -136,13 +183,13 @@ def greedy_answers(model: Generator, passages: np.ndarray, batch_size: int = 64,
 
 
 def seq2seq_loss(model: Generator, passages, answer_in, answer_out):
-    """Teacher-forced cross-entropy over answer tokens; PAD targets are masked out."""
-    logits = model(passages, answer_in)
+    """Teacher-forced negative log-likelihood of the answer tokens; PAD targets are masked out."""
+    logp = model(passages, answer_in)
     mask = answer_out != PAD_ID
-    ce = nn.losses.cross_entropy(logits, answer_out, reduction="none")
+    nll = -mx.take_along_axis(logp, answer_out[..., None], axis=-1).squeeze(-1)
     ntok = mask.sum()
-    loss = (ce * mask).sum() / mx.maximum(ntok, 1)
-    acc = ((mx.argmax(logits, axis=-1) == answer_out) * mask).sum() / mx.maximum(ntok, 1)
+    loss = (nll * mask).sum() / mx.maximum(ntok, 1)
+    acc = ((mx.argmax(logp, axis=-1) == answer_out) * mask).sum() / mx.maximum(ntok, 1)
     return loss, (acc, ntok)
 
 
@@ -172,7 +219,7 @@ class FiDBatches:
 
     def __init__(self, data: Dataset, question_ids: np.ndarray, retrieved: np.ndarray, batch_size: int, seed: int):
         if len(question_ids) < batch_size:
-            raise ValueError(f"--batch_size {batch_size} is larger than the {len(question_ids)} training questions")
+            raise UsageError(f"--batch_size {batch_size} is larger than the {len(question_ids)} training questions")
         self.data, self.ids, self.retrieved, self.B, self.seed = data, question_ids, retrieved, batch_size, seed
         self.per_epoch = len(question_ids) // batch_size
 

@@ -30,7 +30,9 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--gpu", action="store_true", help="run on the GPU (Metal on macOS, CUDA with mlx[cuda])")
     g.add_argument("--no_fast_blas", action="store_true",
                    help="do not re-start with a fast BLAS on Linux (also RAGMLX_FAST_BLAS=0)")
-    g.add_argument("--no_compile", action="store_true", help="do not mx.compile the training step")
+    g.add_argument("--compile", choices=("auto", "yes", "no"), default="auto",
+                   help="mx.compile the training step; auto = on the GPU only (on the CPU, MLX's compiled "
+                        "elementwise kernels measured slower than its built-in ones)")
 
     g = p.add_argument_group("data")
     g.add_argument("--data", choices=("builtin", "triviaqa", "triviaqa-hf", "squad", "folder"), default="builtin",
@@ -72,24 +74,36 @@ def build_parser() -> argparse.ArgumentParser:
 
     g = p.add_argument_group("retrieval and decoding")
     g.add_argument("--top_k", type=int, default=5, help="chunks retrieved per question (fed to the generator)")
+    g.add_argument("--retriever", choices=("dense", "bm25"), default="dense",
+                   help="which retriever feeds the generator (--target eval)")
+    g.add_argument("--split", choices=("valid", "test"), default="test", help="question split --target eval reports on")
     g.add_argument("--temperature", type=float, default=0.0, help="sampling temperature for answers (0 = greedy)")
     g.add_argument("--sample_top_k", type=int, default=0, help="sample only among this many likeliest tokens (0 = all)")
     g.add_argument("--max_answer_tokens", type=int, default=None, help="longest generated answer, in tokens")
     return p
 
 
-def main(argv: list[str] | None = None) -> int:
+def main(argv: list[str] | None = None, fast_blas: bool = False) -> int:
+    """Parse `argv` and run the target; returns the exit code (2 for bad input, with a one-line message).
+
+    `fast_blas` (command line only) may re-start this process with a fast BLAS preloaded on Linux."""
     argv = sys.argv[1:] if argv is None else argv
     args = build_parser().parse_args(argv)
     import pipeline
-    from training import UsageError
 
     try:
-        return pipeline.run(args, argv)
-    except (UsageError, ValueError) as e:
+        if fast_blas and not args.no_fast_blas:
+            import fastpath
+
+            try:
+                print(fastpath.ensure_fast_blas(sys.argv), flush=True)
+            except ValueError as e:  # RAGMLX_BLAS names an unusable library
+                raise pipeline.training.UsageError(str(e)) from None
+        return pipeline.run(args)
+    except pipeline.USER_ERRORS as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(main(fast_blas=True))

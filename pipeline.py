@@ -10,28 +10,34 @@ from pathlib import Path
 
 import numpy as np
 
+import checkpoint
+import datasets
+import readers
+import training
+
+# Errors caused by the user's input or files: one line on stderr and exit code 2, never a traceback.
+USER_ERRORS = (training.UsageError, datasets.DatasetError, checkpoint.CheckpointError, readers.DataError)
+
 # Training defaults for flags that default to None on the command line (None = "take it from the checkpoint").
 # Model defaults live in each model's ModelArgs.
 TRAIN_DEFAULTS = {"batch_size": 64, "num_iters": 1500, "retriever_iters": 600, "learning_rate": 1e-3,
                   "weight_decay": 0.01, "lr_warmup": 100, "steps_per_report": 50, "steps_per_eval": 250, "keep": 3}
 
 
-def setup_runtime(args: argparse.Namespace, argv: list[str]) -> None:
-    """Fast BLAS (may re-exec this process), device and seed."""
+def setup_runtime(args: argparse.Namespace) -> None:
+    """Device, compilation and seed."""
     import fastpath
-
-    if not args.no_fast_blas:
-        print(fastpath.ensure_fast_blas([sys.argv[0], *argv]), flush=True)
     import mlx.core as mx
 
     if args.gpu:
         if not (mx.metal.is_available() or (hasattr(mx, "cuda") and mx.cuda.is_available())):
-            raise ValueError("--gpu: this MLX build has no GPU backend (install mlx on macOS or mlx[cuda] on Linux)")
+            raise training.UsageError("--gpu: this MLX build has no GPU backend (install mlx on macOS or mlx[cuda] on Linux)")
         mx.set_default_device(mx.gpu)
     else:
         mx.set_default_device(mx.cpu)
-    if not args.no_compile and not fastpath.compiler_available():
-        print("note: g++ not found, so mx.compile cannot fuse kernels on the CPU (apt install g++)")
+    args.use_compile = args.compile == "yes" or (args.compile == "auto" and args.gpu)
+    if args.use_compile and not args.gpu and not fastpath.compiler_available():
+        print(fastpath.compiler_message())
     mx.random.seed(args.seed)
 
 
@@ -58,7 +64,7 @@ def prepare_dataset(args):
                                args.max_questions)
     to_dir = Path(args.to_dir) if args.to_dir else Path(args.save_dir) / "dataset"
     if args.batch_size is not None and args.batch_size <= 0:
-        raise ValueError(f"--batch_size must be positive, got {args.batch_size}")
+        raise training.UsageError(f"--batch_size must be positive, got {args.batch_size}")
     datasets.build_dataset(spec, to_dir, args.vocab_size, args.context_size)
     return datasets.Dataset(to_dir)
 
@@ -79,7 +85,7 @@ def get_retriever(args, data, train: bool):
         model, rid = retriever.train(
             data, directory, with_defaults(train_overrides(args, args.retriever_iters), defaults),
             model_overrides(args), args.retriever_identifier, args.new_model,
-            visualisation=args.visualisation, compile=not args.no_compile,
+            visualisation=args.visualisation, compile=args.use_compile,
         )
     else:
         model, found = T.load_or_init(directory, "retriever", retriever.Retriever, retriever.ModelArgs,
@@ -127,7 +133,7 @@ def get_generator(args, data, retrieved, rid, train: bool):
     if train:
         defaults = _train_defaults(directory, "generator", "num_iters", args.new_model)
         model, gid = generator.train(
-            data, directory, retrieved, with_defaults(train_overrides(args, args.num_iters), defaults), overrides, rid, args.identifier, args.new_model, visualisation=args.visualisation, compile=not args.no_compile,
+            data, directory, retrieved, with_defaults(train_overrides(args, args.num_iters), defaults), overrides, rid, args.identifier, args.new_model, visualisation=args.visualisation, compile=args.use_compile,
         )
         return model, gid
     model, found = T.load_or_init(directory, "generator", generator.Generator, generator.ModelArgs, {}, {},
@@ -184,8 +190,8 @@ def show_samples(data, retr, index, gen, args, n: int = 3) -> None:
         print(f"A: {data.decode(answers[i])}   (gold: {qa['answers'][0]})")
 
 
-def run(args: argparse.Namespace, argv: list[str]) -> int:
-    setup_runtime(args, argv)
+def run(args: argparse.Namespace) -> int:
+    setup_runtime(args)
     if args.target == "none":
         return 0
     tic = time.perf_counter()
@@ -193,7 +199,11 @@ def run(args: argparse.Namespace, argv: list[str]) -> int:
     if args.target == "dataset":
         return 0
     if args.top_k <= 0:
-        raise ValueError(f"--top_k must be positive, got {args.top_k}")
+        raise training.UsageError(f"--top_k must be positive, got {args.top_k}")
+    if args.target == "eval":
+        import evaluation
+
+        return evaluation.eval_target(args, data)
     train = not args.inference
     retr, rid, index = get_retriever(args, data, train)
     if args.target == "retriever":

@@ -10,6 +10,7 @@ import mlx.nn as nn
 import numpy as np
 
 from datasets import PAD_ID, Dataset
+from training import UsageError
 from layers import Encoder, init_embedding, padding_mask
 
 
@@ -76,7 +77,7 @@ class ContrastiveBatches:
 
     def __init__(self, data: Dataset, question_ids: np.ndarray, batch_size: int, negatives: int, seed: int):
         if len(question_ids) < batch_size:
-            raise ValueError(
+            raise UsageError(
                 f"--batch_size {batch_size} is larger than the {len(question_ids)} answerable training questions"
             )
         self.data, self.ids, self.B, self.negatives, self.seed = data, question_ids, batch_size, negatives, seed

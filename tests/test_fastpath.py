@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import platform
+import struct
 import subprocess
 import sys
 from pathlib import Path
@@ -201,3 +202,22 @@ def test_real_opt_out_keeps_bundled_blas():
     message, _args, in_use = out.stdout.strip().splitlines()[-3:]
     assert "disabled by RAGMLX_FAST_BLAS=0" in message
     assert in_use.startswith("reference netlib BLAS") and "mlx_cpu.libs" in in_use
+
+
+def test_failed_exec_is_reported_not_raised(slow_linux):
+    def broken_exec(path, args, env):
+        raise PermissionError(13, "Permission denied")
+
+    message = fastpath.ensure_fast_blas(["main.py"], env={}, execv=broken_exec)
+    assert message.startswith("BLAS: reference netlib BLAS (slow; re-exec with") and "Permission denied" in message
+
+
+def test_truncated_library_is_not_usable(tmp_path):
+    truncated = tmp_path / "libopenblas.so.0"
+    # A 64-bit ELF header whose section table (3 entries of 64 bytes at offset 4096) lies past the end.
+    header = bytearray(64)
+    header[:6] = b"\x7fELF\x02\x01"
+    struct.pack_into("<Q", header, 0x28, 4096)
+    struct.pack_into("<HH", header, 0x3A, 64, 3)
+    truncated.write_bytes(bytes(header))
+    assert fastpath.is_usable_blas(str(truncated)) is False

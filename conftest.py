@@ -1,1 +1,0 @@
-"""Makes the project's flat modules importable from tests/ under plain `pytest`."""
