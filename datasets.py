@@ -110,7 +110,8 @@ def train_tokenizer(texts: list[str], vocab_size: int, seed: int = 0) -> bytes:
             minloglevel=2,
         )
     except RuntimeError as e:
-        raise DatasetError(f"--vocab_size {vocab_size}: SentencePiece could not train ({e}); try a smaller value") from None
+        raise DatasetError(f"--vocab_size {vocab_size}: SentencePiece could not train ({e}); "
+                           "the corpus may be too small for it, or it is below the 256 byte pieces plus specials") from None
     return model.getvalue()
 
 

@@ -211,8 +211,9 @@ def render_markdown(report: dict) -> str:
         f"retriever; dense retriever `{cfg['retriever_id'][:8]}`; {cfg['dataset']['num_chunks']:,} chunks of "
         f"{cfg['dataset']['context_size']} tokens ({cfg['dataset']['source'].get('data')} data).",
         "",
-        "Retrieval (%; a hit is a chunk containing a gold answer, or one of the dataset's labelled chunks; "
-        f"MRR over the top {max(ks)}; latency per question over the whole index):",
+        "Retrieval (%). Relevance: *answer in chunk* = the chunk's text contains a normalised gold answer; "
+        f"*dataset labels* = the dataset's labelled answer chunks. MRR over the top {max(ks)}; latency is per "
+        "question, one at a time, over the whole index:",
         "",
         "| Retriever | Relevance | " + " | ".join(f"R@{k}" for k in ks) + " | MRR | p50 ms | p95 ms |",
         "|---|---|" + "---:|" * (len(ks) + 3),
@@ -314,13 +315,14 @@ def run_eval(args, data, retr, index, gen, retriever_id: str = "unknown", genera
     bm25 = load_or_build_bm25(bm25_dir, texts, {"dataset_fingerprint": data.meta.get("fingerprint"),
                                                 "num_chunks": n_chunks}, log)
 
-    rankings, retrieval = {}, {}
+    rankings, hits, retrieval = {}, {}, {}
     searchers = {"dense": dense_searcher(retr, data.questions[ids], index, depth),
                  "bm25": bm25_searcher(bm25, [q["question"] for q in qa], depth)}
     for name, search_one in searchers.items():
         scores, ranked, seconds = timed_search(search_one, len(ids), depth)
         rankings[name] = (scores, ranked)
-        retrieval[name] = {"answer": retrieval_metrics(ranked, norm, answers),
+        hits[name] = answer_hits(ranked, norm, answers)
+        retrieval[name] = {"answer": ranking_metrics(ranked, hits[name]),
                            "labels": ranking_metrics(ranked, labels),
                            "latency": latency_percentiles(seconds)}
         log(f"eval: {name} recall@5 {retrieval[name]['answer']['recall@5']:.3f}, "
@@ -355,7 +357,6 @@ def run_eval(args, data, retr, index, gen, retriever_id: str = "unknown", genera
         "retrieval": retrieval,
         "generation": generation,
     }
-    hits = {name: answer_hits(r[1], norm, answers) for name, r in rankings.items()}
     rows = []
     for j, q in enumerate(qa):
         row = {
@@ -383,6 +384,10 @@ def eval_target(args, data) -> int:
     """`--target eval`: load the newest (or --identifier / --retriever_identifier) checkpoints and evaluate."""
     import pipeline
 
+    directory = pipeline.checkpoint_dir(args)
+    for ckpt_type, target in (("retriever", "retriever"), ("generator", "all")):
+        if not (directory.is_dir() and ckpt.list_checkpoints(directory, ckpt_type)):
+            raise UsageError(f"--target eval: no {ckpt_type} checkpoint in {directory}; train one with --target {target}")
     retr, rid, index = pipeline.get_retriever(args, data, train=False)
     gen, gid = pipeline.get_generator(args, data, None, rid, train=False)
     run_eval(args, data, retr, index, gen, retriever_id=rid, generator_id=gid)

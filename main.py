@@ -14,10 +14,19 @@ from pathlib import Path
 TARGETS = ("none", "dataset", "retriever", "all", "eval")
 
 
+class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
+    """Shows defaults, except for flags whose None means "from the checkpoint" (their help says the default)."""
+
+    def _get_help_string(self, action):
+        if action.default in (None, False):
+            return action.help
+        return super()._get_help_string(action)
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         description="Train and query a from-scratch RAG pipeline (retriever + Fusion-in-Decoder generator) on MLX.",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+        formatter_class=HelpFormatter,
     )
     g = p.add_argument_group("what to run")
     g.add_argument("--target", choices=TARGETS, default="all",
@@ -55,7 +64,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="gradient checkpointing (less memory, more compute)")
 
     g = p.add_argument_group("training (default: taken from the checkpoint when resuming)")
-    g.add_argument("--batch_size", type=int, default=None, help="questions per step [64]")
+    g.add_argument("--batch_size", type=int, default=None, help="questions per step, both models [32]")
     g.add_argument("--num_iters", type=int, default=None, help="generator training steps [1500]")
     g.add_argument("--retriever_iters", type=int, default=None, help="retriever training steps [600]")
     g.add_argument("--learning_rate", type=float, default=None, help="peak learning rate [1e-3]")

@@ -20,7 +20,7 @@ USER_ERRORS = (training.UsageError, datasets.DatasetError, checkpoint.Checkpoint
 
 # Training defaults for flags that default to None on the command line (None = "take it from the checkpoint").
 # Model defaults live in each model's ModelArgs.
-TRAIN_DEFAULTS = {"batch_size": 64, "num_iters": 1500, "retriever_iters": 600, "learning_rate": 1e-3,
+TRAIN_DEFAULTS = {"batch_size": 32, "num_iters": 1500, "retriever_iters": 600, "learning_rate": 1e-3,
                   "weight_decay": 0.01, "lr_warmup": 100, "steps_per_report": 50, "steps_per_eval": 250, "keep": 3}
 
 
@@ -89,7 +89,8 @@ def get_retriever(args, data, train: bool):
         )
     else:
         model, found = T.load_or_init(directory, "retriever", retriever.Retriever, retriever.ModelArgs,
-                                      {}, {}, data.tokenizer_sha1, args.retriever_identifier, False)
+                                      {"vocab_size": data.vocab_size}, {}, data.tokenizer_sha1,
+                                      args.retriever_identifier, False)
         if found is None:
             raise T.UsageError(f"no retriever checkpoint in {directory}: train one with --target retriever")
         rid = found.id
@@ -127,7 +128,7 @@ def get_generator(args, data, retrieved, rid, train: bool):
     import training as T
 
     directory = checkpoint_dir(args)
-    overrides = model_overrides(args)
+    overrides = dict(model_overrides(args), num_decoder_blocks=args.num_blocks)
     if args.max_answer_tokens is not None:
         overrides["max_answer_tokens"] = args.max_answer_tokens
     if train:
@@ -136,8 +137,8 @@ def get_generator(args, data, retrieved, rid, train: bool):
             data, directory, retrieved, with_defaults(train_overrides(args, args.num_iters), defaults), overrides, rid, args.identifier, args.new_model, visualisation=args.visualisation, compile=args.use_compile,
         )
         return model, gid
-    model, found = T.load_or_init(directory, "generator", generator.Generator, generator.ModelArgs, {}, {},
-                                  data.tokenizer_sha1, args.identifier, False)
+    model, found = T.load_or_init(directory, "generator", generator.Generator, generator.ModelArgs,
+                                  {"vocab_size": data.vocab_size}, {}, data.tokenizer_sha1, args.identifier, False)
     if found is None:
         raise T.UsageError(f"no generator checkpoint in {directory}: train one with --target all")
     return model, found.id
@@ -147,6 +148,7 @@ def summarise(args, data, retr, index, gen, split: str = "test", max_questions: 
     """Retrieval Recall@K / MRR and generator EM / F1 on a split, with retrieved and with random chunks."""
     import generator
     import index as chunk_index
+    from metrics import recall_at_k
 
     ids = data.split_indices(split)[:max_questions]
     if len(ids) == 0:
@@ -154,6 +156,8 @@ def summarise(args, data, retr, index, gen, split: str = "test", max_questions: 
         return {}
     answerable = ids[data.pos_offsets[ids + 1] > data.pos_offsets[ids]]
     report = {f"retrieval_{k}": v for k, v in chunk_index.evaluate(retr, data, answerable, index, ks=(1, 5, 20)).items()}
+    relevant = [set(data.positives(int(i)).tolist()) for i in answerable]
+    report["random_recall@5"] = recall_at_k(random_chunks(data, len(answerable), 5, args.seed), relevant, ks=(5,))[5]
     if gen is not None:
         _, top = retrieve_for(retr, data, ids, index, args.top_k)
         em_r, _ = generator.answer_metrics(gen, data, ids, top)

@@ -189,3 +189,12 @@ def test_report_equals_recomputation_from_predictions(tiny_run, monkeypatch):
                                                           for row, rel in zip(ranked, relevant)]
     assert [[c["chunk"] for c in r["retrieved"]] for r in rows] == [r["dense_ranked"][:5] for r in rows]
     assert [r["labelled_chunks"] for r in rows] == [data.positives(int(i)).tolist() for i in data.split_indices("valid")]
+
+
+def test_eval_without_checkpoints_is_a_usage_error(tiny_run, tmp_path, capsys):
+    import main
+
+    rc = main.main(["--target", "eval", "--save_dir", str(tmp_path), "--to_dir", str(tiny_run / "dataset"), *TINY])
+    assert rc == 2
+    assert "no retriever checkpoint" in capsys.readouterr().err
+    assert not (tmp_path / "eval").exists()

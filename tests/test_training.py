@@ -1,0 +1,267 @@
+"""The shared training loop: save/load, exact resume, resume guards, learning on a tiny corpus, Ctrl+C."""
+
+from __future__ import annotations
+
+import os
+import signal
+import threading
+
+import mlx.core as mx
+import numpy as np
+import pytest
+from mlx.utils import tree_flatten
+
+from helpers import build_builtin, quiet, tiny_generator, tiny_retriever, weights_numpy
+
+import checkpoint as ckpt  # noqa: E402
+import generator as G  # noqa: E402
+import index as chunk_index  # noqa: E402
+import retriever as R  # noqa: E402
+import training as T  # noqa: E402
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory):
+    """40 built-in documents in 32-token chunks (read only)."""
+    return build_builtin(tmp_path_factory.mktemp("train") / "dataset", corpus_size=40, context_size=32)
+
+
+def no_eval(step: int) -> dict:
+    return {}
+
+
+def flat_optimizer(optimizer) -> dict[str, np.ndarray]:
+    return {k: np.array(v) for k, v in tree_flatten(optimizer.state)}
+
+
+def new_retriever_run(data, cfg):
+    model = tiny_retriever(data.vocab_size, seed=0, embedding_dim=32)
+    optimizer = T.make_optimizer(cfg)
+    T.restore_optimizer(optimizer, model, {})
+    return model, optimizer
+
+
+def load_retriever_run(data, directory, cfg, overrides=None):
+    model, found = T.load_or_init(directory, "retriever", R.Retriever, R.ModelArgs, {"vocab_size": data.vocab_size},
+                                  overrides or {}, data.tokenizer_sha1, log=quiet)
+    optimizer = T.make_optimizer(cfg)
+    T.restore_optimizer(optimizer, model, found.optimizer_state)
+    return model, optimizer, found
+
+
+def save_retriever(data, directory, model, optimizer, step, cfg) -> str:
+    return T.save_state(directory, "retriever", model, optimizer, step, cfg, {}, {"tokenizer_sha1": data.tokenizer_sha1},
+                        None)
+
+
+# ------------------------------------------------------------------ checkpoints through training.py
+
+
+def test_save_state_load_or_init_round_trip_is_bit_exact(data, tmp_path):
+    cfg = T.TrainConfig(batch_size=8, num_iters=3, lr_warmup=1, steps_per_report=1, steps_per_eval=100)
+    model, optimizer = new_retriever_run(data, cfg)
+    batches = R.ContrastiveBatches(data, data.split_indices("train", answerable=True), 8, 4, seed=0)
+    T.fit(model, optimizer, cfg, R.contrastive_loss, batches, 0, no_eval, lambda s, m: None, log=quiet, compile=False)
+    cid = save_retriever(data, tmp_path, model, optimizer, 3, cfg)
+
+    loaded, optimizer2, found = load_retriever_run(data, tmp_path, cfg)
+    assert found.id == cid and found.metadata["step"] == 3
+    assert found.metadata["model"] == model.args.to_dict()
+    assert found.metadata["train"]["num_iters"] == 3
+    want, got = weights_numpy(model), weights_numpy(loaded)
+    assert sorted(want) == sorted(got)
+    for k in want:
+        assert got[k].dtype == want[k].dtype and np.array_equal(got[k], want[k]), k
+    want_opt, got_opt = flat_optimizer(optimizer), flat_optimizer(optimizer2)
+    assert sorted(want_opt) == sorted(got_opt) and "step" in want_opt
+    for k in want_opt:
+        assert np.array_equal(got_opt[k], want_opt[k]), k
+    assert int(got_opt["step"]) == 3
+
+
+class Crash(Exception):
+    """Stands for the process dying right after a checkpoint was written."""
+
+
+@pytest.mark.parametrize("compile", [False, True])
+def test_resume_continues_exactly_like_an_uninterrupted_run(data, tmp_path, compile):
+    N = 12
+    cfg = T.TrainConfig(batch_size=8, num_iters=N, lr_warmup=3, learning_rate=3e-3, steps_per_report=1,
+                        steps_per_eval=1)
+    batches = R.ContrastiveBatches(data, data.split_indices("train", answerable=True), 8, 8, seed=0)
+
+    def run(model, optimizer, start, directory=None, crash_at=None):
+        losses = {}
+
+        def save(step, metrics):
+            losses[step] = metrics["train_loss"]  # steps_per_report=1: this step's loss, full precision
+            if step == crash_at:
+                save_retriever(data, directory, model, optimizer, step, cfg)
+                raise Crash
+
+        try:
+            T.fit(model, optimizer, cfg, R.contrastive_loss, batches, start, no_eval, save, log=quiet, compile=compile)
+        except Crash:
+            pass
+        return losses
+
+    model, optimizer = new_retriever_run(data, cfg)
+    straight = run(model, optimizer, 0)
+    assert sorted(straight) == list(range(1, N + 1))
+
+    first, opt1 = new_retriever_run(data, cfg)
+    before = run(first, opt1, 0, tmp_path, crash_at=N // 2)
+    assert sorted(before) == list(range(1, N // 2 + 1))
+    del first, opt1
+    mx.random.seed(1234)  # nothing after the restart may depend on the global generator
+
+    resumed, opt2, found = load_retriever_run(data, tmp_path, cfg)
+    assert found.metadata["step"] == N // 2
+    after = run(resumed, opt2, found.metadata["step"])
+    assert sorted(after) == list(range(N // 2 + 1, N + 1))
+    for step in range(1, N + 1):
+        got = before[step] if step <= N // 2 else after[step]
+        assert abs(got - straight[step]) <= 1e-5, f"step {step}: {got} vs {straight[step]}"
+    want, got = weights_numpy(model), weights_numpy(resumed)
+    for k in want:
+        assert np.abs(got[k] - want[k]).max() <= 1e-5, k
+    assert int(flat_optimizer(opt2)["step"]) == N
+
+
+def test_resume_guards(data, tmp_path):
+    cfg = T.TrainConfig(batch_size=8, num_iters=1)
+    model, optimizer = new_retriever_run(data, cfg)
+    cid = save_retriever(data, tmp_path, model, optimizer, 1, cfg)
+    args = (tmp_path, "retriever", R.Retriever, R.ModelArgs, {"vocab_size": data.vocab_size})
+
+    with pytest.raises(T.UsageError, match=r"--dim 64 conflicts with retriever checkpoint " + cid[:12]):
+        T.load_or_init(*args, {"dim": 64}, data.tokenizer_sha1, log=quiet)
+    with pytest.raises(T.UsageError, match="another tokenizer"):
+        T.load_or_init(*args, {}, "0" * 40, log=quiet)
+    with pytest.raises(T.UsageError, match="not found"):
+        T.load_or_init(*args, {}, data.tokenizer_sha1, identifier="abcdef123", log=quiet)
+
+    # the saved value itself, None (flag not given) and gradient checkpointing are not conflicts
+    same, found = T.load_or_init(*args, {"dim": 32, "num_heads": None, "checkpoint": True}, data.tokenizer_sha1,
+                                 log=quiet)
+    assert found.id == cid and same.args.checkpoint is True
+    # --new_model ignores the checkpoint (and so its tokenizer)
+    fresh, none = T.load_or_init(*args, {"dim": 64, "num_heads": 4}, "0" * 40, new_model=True, log=quiet)
+    assert none is None and fresh.args.dim == 64
+    with pytest.raises(T.UsageError, match="--dim 30"):
+        T.load_or_init(*args, {"dim": 30, "num_heads": 4}, data.tokenizer_sha1, new_model=True, log=quiet)
+
+
+def test_train_config_validation_and_merge():
+    with pytest.raises(T.UsageError, match="--batch_size"):
+        T.TrainConfig(batch_size=0)
+    with pytest.raises(T.UsageError, match="--num_iters"):
+        T.TrainConfig(num_iters=-1)
+    saved = {"batch_size": 8, "num_iters": 50, "learning_rate": 5e-4, "not_a_field": 1}
+    cfg = T.TrainConfig.merged(saved, {"num_iters": 80, "learning_rate": None})
+    assert (cfg.batch_size, cfg.num_iters, cfg.learning_rate) == (8, 80, 5e-4)
+
+
+# ------------------------------------------------------------------ learning
+
+
+def test_retriever_learns_on_a_tiny_corpus(tmp_path):
+    data = build_builtin(tmp_path / "dataset", corpus_size=40, context_size=64)
+    train_ids = data.split_indices("train", answerable=True)
+    held = np.concatenate([data.split_indices("valid", answerable=True), data.split_indices("test", answerable=True)])
+    random_recall = 5 / len(data.chunks)
+    cfg = T.TrainConfig(batch_size=16, num_iters=60, lr_warmup=5, learning_rate=3e-3, steps_per_report=60,
+                        steps_per_eval=1000)
+    model, optimizer = new_retriever_run(data, cfg)
+    before = chunk_index.evaluate(model, data, train_ids)["recall@5"]
+    batches = R.ContrastiveBatches(data, train_ids, 16, 0, seed=0)
+    T.fit(model, optimizer, cfg, R.contrastive_loss, batches, 0, no_eval, lambda s, m: None, log=quiet, compile=False)
+    after = chunk_index.evaluate(model, data, train_ids)
+    assert after["recall@5"] >= 5 * random_recall and after["recall@5"] > 0.3
+    assert after["recall@5"] > before + 0.3, f"training did not help: {before:.3f} -> {after['recall@5']:.3f}"
+    assert after["mrr"] > 0.3
+    assert chunk_index.evaluate(model, data, held)["recall@5"] >= 5 * random_recall
+
+
+def test_generator_training_loss_falls(data):
+    train_ids = data.split_indices("train", answerable=True)
+    rng = np.random.default_rng(0)
+    # two passages per question: a labelled answer chunk and a random one
+    retrieved = np.stack([[int(data.positives(int(q))[0]), int(rng.integers(len(data.chunks)))] for q in train_ids])
+    cfg = T.TrainConfig(batch_size=8, num_iters=30, lr_warmup=3, learning_rate=3e-3, steps_per_report=1,
+                        steps_per_eval=1)
+    model = tiny_generator(data.vocab_size, max_answer_tokens=int(data.answers.shape[1]))
+    optimizer = T.make_optimizer(cfg)
+    losses = []
+    T.fit(model, optimizer, cfg, G.seq2seq_loss, G.FiDBatches(data, train_ids, retrieved, 8, seed=0), 0, no_eval,
+          lambda s, m: losses.append(m["train_loss"]), "tok_acc", log=quiet, compile=False)
+    assert len(losses) == 30 and all(np.isfinite(losses))
+    first, last = np.mean(losses[:10]), np.mean(losses[-10:])
+    assert last < 0.85 * first, f"loss {first:.3f} -> {last:.3f}"
+
+
+# ------------------------------------------------------------------ Ctrl+C
+
+
+def interrupt_run(data, make_batch, loss_fn):
+    cfg = T.TrainConfig(batch_size=8, num_iters=20, lr_warmup=1, steps_per_report=100, steps_per_eval=100)
+    model, optimizer = new_retriever_run(data, cfg)
+    saves, logs = [], []
+    previous = signal.getsignal(signal.SIGINT)
+    T.fit(model, optimizer, cfg, loss_fn, make_batch, 0, no_eval,
+          lambda s, m: saves.append((s, int(np.array(optimizer.state["step"])))), log=logs.append, compile=False)
+    assert signal.getsignal(signal.SIGINT) is previous, "the previous SIGINT handler is restored"
+    return saves, logs
+
+
+def test_sigint_from_the_training_step_stops_after_that_step_and_saves_once(data):
+    batches = R.ContrastiveBatches(data, data.split_indices("train", answerable=True), 8, 4, seed=0)
+    calls = []
+
+    def loss_fn(model, *batch):  # uncompiled: runs once per step, on the main thread
+        calls.append(1)
+        if len(calls) == 5:
+            os.kill(os.getpid(), signal.SIGINT)
+        return R.contrastive_loss(model, *batch)
+
+    saves, logs = interrupt_run(data, batches, loss_fn)
+    assert saves == [(5, 5)], "one save, after the 5th step, with the optimizer at step 5"
+    assert len(calls) == 5
+    assert any("interrupt" in m for m in logs) and any("stopped at step 5" in m for m in logs)
+
+
+def test_sigint_while_preparing_a_batch_stops_training_and_saves_once(data):
+    """make_batch runs one step ahead on a thread, so the signal lands during step k-1 or k: either way the loop
+    stops after the step it interrupted and saves exactly that step."""
+    batches = R.ContrastiveBatches(data, data.split_indices("train", answerable=True), 8, 4, seed=0)
+    k = 6
+    handled = threading.Event()
+    asked = []
+
+    def make_batch(step):
+        asked.append(step)
+        if step == k:
+            os.kill(os.getpid(), signal.SIGINT)
+            assert handled.wait(10), "the handler never ran"
+        return batches(step)
+
+    def loss_fn(model, *batch):
+        return R.contrastive_loss(model, *batch)
+
+    cfg_logs = []
+
+    def log(m):
+        cfg_logs.append(m)
+        if "interrupt" in m:
+            handled.set()
+
+    cfg = T.TrainConfig(batch_size=8, num_iters=20, lr_warmup=1, steps_per_report=100, steps_per_eval=100)
+    model, optimizer = new_retriever_run(data, cfg)
+    saves = []
+    T.fit(model, optimizer, cfg, loss_fn, make_batch, 0, no_eval,
+          lambda s, m: saves.append((s, int(np.array(optimizer.state["step"])))), log=log, compile=False)
+    assert len(saves) == 1
+    step, optimizer_step = saves[0]
+    assert step in (k, k + 1) and optimizer_step == step
+    assert max(asked) <= step + 1, "no batch is prepared beyond the next one"
+    assert any(f"stopped at step {step}" in m for m in cfg_logs)
