@@ -64,6 +64,8 @@ def read_corpus(spec: SourceSpec, log=print) -> tuple[list[Document], list[QAPai
     if spec.data == "builtin":
         import builtin_corpus
 
+        if spec.corpus_size <= 0:
+            raise DatasetError(f"--corpus_size must be positive, got {spec.corpus_size}")
         return builtin_corpus.generate(spec.corpus_size, seed=spec.seed)
     import readers
 
@@ -140,6 +142,25 @@ def chunk_documents(doc_tokens: list[list[int]], context_size: int) -> tuple[np.
     return chunks, chunk_doc, chunk_offset
 
 
+def whole_word_texts(sp: spm.SentencePieceProcessor, chunks: np.ndarray, chunk_doc: np.ndarray) -> list[str]:
+    """Each chunk's text without the word pieces cut by a chunk boundary, for answer matching: a window that
+    ends in "cat" of "catalogue" must not count as containing the answer "cat"."""
+    starts_word = np.array([sp.id_to_piece(int(t)).startswith("\u2581") for t in chunks[:, 0]])
+    texts = []
+    for c, row in enumerate(chunks):
+        pieces = [sp.id_to_piece(int(t)) for t in row[row != PAD_ID]]
+        if not starts_word[c]:  # drop the tail of a word begun in the previous chunk
+            while pieces and not pieces[0].startswith("\u2581"):
+                pieces.pop(0)
+        if c + 1 < len(chunks) and chunk_doc[c + 1] == chunk_doc[c] and not starts_word[c + 1]:
+            while pieces and not pieces[-1].startswith("\u2581"):
+                pieces.pop()
+            if pieces:
+                pieces.pop()  # the word's first piece, continued in the next chunk
+        texts.append(sp.decode_pieces(pieces))
+    return texts
+
+
 def label_answers(
     chunk_texts: list[str],
     chunk_doc: np.ndarray,
@@ -188,7 +209,19 @@ def fingerprint(spec: SourceSpec, vocab_size: int, context_size: int) -> str:
         payload["builtin_version"] = builtin_corpus.VERSION
     if spec.from_dir:
         payload["from_dir"] = os.path.abspath(spec.from_dir)
+        payload["files"] = source_files_signature(spec.from_dir)
     return hashlib.sha1(json.dumps(payload, sort_keys=True).encode()).hexdigest()
+
+
+def source_files_signature(path: str | Path) -> str:
+    """A hash of every source file's relative path, size and mtime, so edited data is re-read."""
+    path = Path(path)
+    files = [path] if path.is_file() else sorted(p for p in path.rglob("*") if p.is_file()) if path.is_dir() else []
+    h = hashlib.sha1()
+    for f in files:
+        st = f.stat()
+        h.update(f"{f.relative_to(path) if f != path else f.name}\0{st.st_size}\0{st.st_mtime_ns}\n".encode())
+    return h.hexdigest()
 
 
 def build_dataset(spec: SourceSpec, to_dir: str | Path, vocab_size: int = 4096, context_size: int = 64,
@@ -199,6 +232,9 @@ def build_dataset(spec: SourceSpec, to_dir: str | Path, vocab_size: int = 4096, 
     if vocab_size < 64:
         raise DatasetError(f"--vocab_size must be at least 64, got {vocab_size}")
     to_dir = Path(to_dir)
+    if to_dir.exists() and not (to_dir / "meta.json").is_file() and (not to_dir.is_dir() or any(to_dir.iterdir())):
+        # Never replace something that is not ours: the swap below removes the old folder.
+        raise DatasetError(f"--to_dir {to_dir}: exists and is not a dataset cache; choose an empty or new folder")
     fp = fingerprint(spec, vocab_size, context_size)
     meta_path = to_dir / "meta.json"
     if not force and meta_path.is_file():
@@ -219,7 +255,7 @@ def build_dataset(spec: SourceSpec, to_dir: str | Path, vocab_size: int = 4096, 
 
     doc_tokens = sp.encode([d.text for d in docs], num_threads=os.cpu_count() or 1)
     chunks, chunk_doc, chunk_offset = chunk_documents(doc_tokens, context_size)
-    chunk_texts = sp.decode([row[row != PAD_ID].tolist() for row in chunks])
+    chunk_texts = whole_word_texts(sp, chunks, chunk_doc)
     doc_index = {d.id: i for i, d in enumerate(docs)}
 
     q_tokens = sp.encode([q.question for q in qa]) if qa else []

@@ -112,6 +112,9 @@ def main(argv: list[str] | None = None, fast_blas: bool = False) -> int:
     except pipeline.USER_ERRORS as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:  # outside a training loop (which saves and exits 0 itself)
+        print("\ninterrupted", file=sys.stderr)
+        return 130
 
 
 if __name__ == "__main__":

@@ -12,6 +12,7 @@ import numpy as np
 from datasets import PAD_ID, Dataset
 from training import UsageError
 from layers import Encoder, init_embedding, padding_mask
+import distributed as dist
 
 
 @dataclass
@@ -54,22 +55,48 @@ class Retriever(nn.Module):
         return e * mx.rsqrt((e * e).sum(axis=-1, keepdims=True) + 1e-12)
 
 
-def contrastive_loss(model: Retriever, questions, chunks, positive_mask):
+def contrastive_loss(model: Retriever, questions, chunks, positive_mask, target=None, gather: bool = False):
     """Cross-entropy over the [B, C] question x chunk score matrix (temperature-scaled).
 
-    Chunk i is question i's positive; `positive_mask[i, j]` marks other chunks that also hold question i's
-    answer (duplicates, in-batch collisions): they are removed from the negatives, not counted as errors."""
+    Chunk `target[i]` (default i) is question i's positive; `positive_mask[i, j]` marks other chunks that also
+    hold question i's answer (duplicates, in-batch collisions): they are removed from the negatives, not counted
+    as errors. With `gather` (data-parallel, see `shard_contrastive`) the chunk embeddings of every rank are
+    gathered first, so each question is scored against the whole global batch of chunks."""
     q = model(questions)
     c = model(chunks)
+    if gather:
+        c = dist.gather_with_grad(c)
     scores = (q @ c.T) / model.args.temperature
     B = q.shape[0]
-    target = mx.arange(B)
+    target = mx.arange(B) if target is None else target
     eye = mx.arange(scores.shape[1])[None, :] == target[:, None]
     scores = mx.where(positive_mask & ~eye, -1e9, scores)
     loss = nn.losses.cross_entropy(scores, target, reduction="mean")
     acc = (mx.argmax(scores, axis=1) == target).astype(mx.float32).mean()
     ntokens = (questions != PAD_ID).sum() + (chunks != PAD_ID).sum()
     return loss, (acc, ntokens)
+
+
+def shard_contrastive(batch: tuple, rank: int, size: int, local_negatives: bool = False) -> tuple:
+    """`rank`'s share of a global contrastive batch (questions [B], chunks [B positives + M negatives], mask).
+
+    The rank keeps its B/N questions, their positives and M/N of the sampled negatives. By default its mask
+    columns are put in the order the chunk embeddings come back from all_gather (rank 0's positives and
+    negatives, then rank 1's, ...) and the target is the position of each question's positive there, so the
+    loss equals the one-process loss over the same global batch. `local_negatives` keeps only this rank's
+    chunks as candidates (cheaper communication, weaker negatives)."""
+    questions, chunks, mask = batch
+    B, M = len(questions), len(chunks) - len(questions)
+    if M % size:
+        raise UsageError(f"the {M} sampled negatives are not divisible by the {size} processes")
+    b, m = B // size, M // size
+    cols = [np.r_[s * b : (s + 1) * b, B + s * m : B + (s + 1) * m] for s in range(size)]
+    rows = slice(rank * b, (rank + 1) * b)
+    if local_negatives:
+        order, target = cols[rank], np.arange(b)
+    else:
+        order, target = np.concatenate(cols), rank * (b + m) + np.arange(b)
+    return questions[rows], chunks[cols[rank]], mask[rows][:, order], target
 
 
 class ContrastiveBatches:
@@ -117,11 +144,20 @@ def train(
     visualisation: bool = False,
     compile: bool = True,
     log=print,
+    local_negatives: bool = False,
 ) -> tuple[Retriever, str | None]:
     """Train (or resume) the retriever on the dataset's training questions; returns the model and its
-    checkpoint id. Evaluates Recall@1/5/20 and MRR on validation questions against the whole chunk index."""
+    checkpoint id. Evaluates Recall@1/5/20 and MRR on validation questions against the whole chunk index.
+
+    Under `mlx.launch` each rank trains on its share of every global batch; in-batch negatives span the global
+    batch unless `local_negatives`; only rank 0 logs and saves."""
+    from functools import partial
+
     import index as chunk_index
     import training as T
+
+    if not dist.is_main():
+        log = _quiet
 
     model, found = T.load_or_init(
         directory, "retriever", Retriever, ModelArgs, {"vocab_size": data.vocab_size}, model_overrides,
@@ -145,7 +181,7 @@ def train(
     def evaluate(step: int) -> dict:
         if len(valid_ids) == 0:
             return {}
-        index = chunk_index.embed(model, data.chunks)
+        index = chunk_index.embed_distributed(model, data.chunks)  # each rank embeds its share
         metrics = chunk_index.evaluate(model, data, valid_ids, index)
         log(f"eval  {step:>6}  " + "  ".join(f"{k} {v:.3f}" for k, v in metrics.items()))
         if visualisation:
@@ -161,8 +197,17 @@ def train(
         log(f"saved retriever {state['id'][:12]} at step {step}")
 
     ckpt_cleanup(directory)
-    T.fit(model, optimizer, cfg, contrastive_loss, batches, start, evaluate, save, "acc", log, compile)
+    if dist.size() > 1:
+        loss_fn = partial(contrastive_loss, gather=not local_negatives)
+        shard = partial(shard_contrastive, local_negatives=local_negatives)
+    else:
+        loss_fn, shard = contrastive_loss, None
+    T.fit(model, optimizer, cfg, loss_fn, batches, start, evaluate, save, "acc", log, compile, shard)
     return model, state["id"]
+
+
+def _quiet(_msg: str) -> None:
+    """The log of ranks other than 0."""
 
 
 def ckpt_cleanup(directory) -> None:

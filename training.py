@@ -14,9 +14,10 @@ from typing import Callable, Iterator
 import mlx.core as mx
 import mlx.nn as nn
 import mlx.optimizers as optim
-from mlx.utils import tree_flatten
+from mlx.utils import tree_flatten, tree_unflatten
 
 import checkpoint as ckpt
+import distributed as dist
 
 
 class UsageError(ValueError):
@@ -37,7 +38,7 @@ class TrainConfig:
     keep: int = 3
 
     def __post_init__(self):
-        for name in ("batch_size", "num_iters", "steps_per_report", "steps_per_eval"):
+        for name in ("batch_size", "num_iters", "steps_per_report", "steps_per_eval", "keep"):
             if getattr(self, name) <= 0:
                 raise UsageError(f"--{name} must be positive, got {getattr(self, name)}")
         if self.lr_warmup < 0 or self.learning_rate <= 0:
@@ -100,11 +101,17 @@ def clip_grads(grads, max_norm: float):
 
 
 def build_step(model: nn.Module, optimizer: optim.Optimizer, loss_fn: Callable, grad_clip: float, compile: bool = True):
-    """One optimisation step `step(*batch) -> (loss, aux)`; compiled with model and optimizer state captured."""
+    """One optimisation step `step(*batch) -> (loss, aux)`; compiled with model and optimizer state captured.
+
+    Under `mlx.launch` the gradients are averaged over the processes before clipping, so every rank applies
+    the same update (clipping the global gradient, as one process with the whole batch would)."""
     loss_and_grad = nn.value_and_grad(model, loss_fn)
+    parallel = dist.size() > 1
 
     def step(*batch):
         (loss, aux), grads = loss_and_grad(model, *batch)
+        if parallel:
+            grads = nn.average_gradients(grads)
         optimizer.update(model, clip_grads(grads, grad_clip))
         return loss, aux
 
@@ -150,13 +157,35 @@ def fit(
     aux_name: str = "acc",
     log: Callable[[str], None] = print,
     compile: bool = True,
+    shard_batch: Callable[[tuple, int, int], tuple] | None = None,
 ) -> dict:
     """Train from `start_step` to `cfg.num_iters`.
 
     `make_batch(step)` returns numpy arrays for that step only (deterministic in the step, so resuming at step s
     sees the same data as an uninterrupted run). `loss_fn(model, *batch) -> (loss, (aux, ntokens))`.
     Evaluates at the first step, every `steps_per_eval` and the last; saves after each evaluation and on Ctrl+C.
-    Returns the last metrics."""
+    Returns the last metrics.
+
+    Under `mlx.launch` (see distributed.py) `make_batch` still returns the GLOBAL batch and each rank trains on
+    its disjoint share, `shard_batch(batch, rank, size)` (default: contiguous rows of every array), so
+    --batch_size means the same with 1 or N processes. `evaluate` runs on every rank (it may use collectives
+    and must log on rank 0 only); only rank 0 logs, saves and reports losses averaged over ranks; a Ctrl+C on
+    any rank stops all of them after the same step."""
+    _, rank, size = dist.world()
+    main = rank == 0
+    if size > 1:
+        try:
+            dist.check_divisible(cfg.batch_size, "--batch_size", size)
+            dist.agree(start_step, "the step to resume from")
+        except ValueError as e:
+            raise UsageError(str(e)) from None
+        # Same weights everywhere even if a rank initialised with another seed (optimizer state: same checkpoint).
+        flat = tree_flatten(model.parameters())
+        model.update(tree_unflatten(list(zip([k for k, _ in flat], dist.broadcast([v for _, v in flat])))))
+        mx.eval(model.parameters())
+        log = log if main else (lambda _msg: None)
+    shard_batch = shard_batch or _shard_rows
+    local_batch = make_batch if size == 1 else (lambda step: shard_batch(make_batch(step), rank, size))
     step_fn = build_step(model, optimizer, loss_fn, cfg.grad_clip, compile=compile)
     metrics: dict = {}
     if start_step >= cfg.num_iters:
@@ -165,7 +194,7 @@ def fit(
     losses, auxes, ntoks = [], [], []
     tic = time.perf_counter()
     with GracefulInterrupt(log) as interrupt:
-        for step, batch in prefetch(make_batch, start_step, cfg.num_iters):
+        for step, batch in prefetch(local_batch, start_step, cfg.num_iters):
             if step == start_step and start_step == 0:
                 metrics = evaluate(step)
             loss, (aux, ntok) = step_fn(*(mx.array(b) for b in batch))
@@ -174,13 +203,16 @@ def fit(
             auxes.append(aux)
             ntoks.append(ntok)
             done = step + 1
-            if done % cfg.steps_per_report == 0 or done == cfg.num_iters or interrupt.requested:
+            # One tiny all_sum per step so that a Ctrl+C seen by any rank stops every rank after this step.
+            stop = dist.any_flag(interrupt.requested) if size > 1 else interrupt.requested
+            if done % cfg.steps_per_report == 0 or done == cfg.num_iters or stop:
                 elapsed = time.perf_counter() - tic
                 n = len(losses)
-                # .item() only here, once per report.
-                mean_loss = mx.mean(mx.stack(losses)).item()
-                mean_aux = mx.mean(mx.stack(auxes)).item()
-                tokens = mx.sum(mx.stack(ntoks)).item()
+                # .item() only here, once per report; equal shards, so the mean of rank means is the global mean.
+                summed = dist.all_sum(mx.stack([mx.mean(mx.stack(losses)), mx.mean(mx.stack(auxes)),
+                                                mx.sum(mx.stack(ntoks)).astype(mx.float32)]))
+                mean_loss, mean_aux = (summed[:2] / size).tolist()
+                tokens = summed[2].item()
                 lr = optimizer.learning_rate.item()
                 log(
                     f"step {done:>6}/{cfg.num_iters}  loss {mean_loss:.4f}  {aux_name} {mean_aux:.3f}  "
@@ -192,14 +224,20 @@ def fit(
                 tic = time.perf_counter()
             if done % cfg.steps_per_eval == 0 or done == cfg.num_iters:
                 metrics.update(evaluate(done))
-                save(done, metrics)
+                if main:
+                    save(done, metrics)
                 tic = time.perf_counter()
-            elif interrupt.requested:
+            elif stop and main:
                 save(done, metrics)
-            if interrupt.requested:
+            if stop:
                 log(f"stopped at step {done}; resume by running the same command again")
                 break
     return metrics
+
+
+def _shard_rows(batch: tuple, rank: int, size: int) -> tuple:
+    """The default share of a global batch: the same contiguous rows of every array."""
+    return tuple(dist.shard(b, rank, size) for b in batch)
 
 
 def count_parameters(model: nn.Module) -> int:

@@ -1,8 +1,20 @@
-"""Puts the project's flat modules on the import path for every test."""
+"""Test set-up: the project's flat modules on the import path, and a fast BLAS for MLX when one exists.
 
+Loading OpenBLAS with RTLD_GLOBAL before MLX makes MLX's BLAS calls resolve to it in this process (the same
+effect as main.py's LD_PRELOAD re-exec, without re-starting pytest); results are the same to float rounding."""
+
+import ctypes
+import os
 import sys
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
+
+if sys.platform.startswith("linux") and os.environ.get("RAGMLX_FAST_BLAS") != "0" and "mlx.core" not in sys.modules:
+    import fastpath
+
+    _blas = fastpath.find_fast_blas()
+    if _blas:
+        ctypes.CDLL(_blas, mode=ctypes.RTLD_GLOBAL)

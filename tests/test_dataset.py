@@ -3,12 +3,10 @@
 from __future__ import annotations
 
 import json
-import os
 from pathlib import Path
 
 import numpy as np
 import pytest
-import sentencepiece as spm
 
 from helpers import VOCAB, build_builtin, file_bytes, quiet
 
@@ -206,11 +204,6 @@ def test_build_dataset_labels_hand_written_folder(tmp_path):
     assert data.meta["questions_without_answer_chunk"] == 1
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="BUG: datasets.build_dataset labels chunks on independently decoded chunk text, so a word cut at a "
-    "chunk boundary ('cat|alogue') matches the answer 'cat' as a whole word",
-)
 def test_word_cut_at_chunk_boundary_is_not_an_answer(tmp_path):
     sentence = ("The old library kept a catalogue of rare maps and a catalogue of letters, and every catalogue "
                 "was bound in red leather by the keeper of the catalogue room. ")
@@ -235,17 +228,19 @@ def test_cache_contents_are_consistent(built):
     assert built.meta["num_qa"] == len(built.qa) == len(built.questions) == len(built.answers)
     assert built.chunks.shape == (built.meta["num_chunks"], 32)
     assert [x["id"] for x in built.qa] == [q.id for q in qa]
+    whole = D.whole_word_texts(built.tokenizer, np.asarray(built.chunks), np.asarray(built.chunk_doc))
     for i, x in enumerate(built.qa):
         assert x["split"] == split_of(x["id"])
         assert built.decode(built.questions[i]) == x["question"]
         row = [int(t) for t in built.answers[i] if t != D.PAD_ID]
         assert row[-1] == D.EOS_ID
         assert built.decode(row) == x["answers"][0]
-        # positives are exactly the evidence chunks that contain an answer alias as whole words
+        # positives are exactly the evidence chunks that contain an answer alias as whole words (words cut by
+        # a chunk boundary do not count)
         aliases = [normalize_answer(a) for a in x["answers"]]
         evidence = {j for j, d in enumerate(built.documents) if d["id"] in x["doc_ids"]}
         want = [c for c in range(len(built.chunks)) if int(built.chunk_doc[c]) in evidence
-                and any(f" {a} " in f" {normalize_answer(built.chunk_text(c))} " for a in aliases)]
+                and any(f" {a} " in f" {normalize_answer(whole[c])} " for a in aliases)]
         assert built.positives(i).tolist() == want
     assert sum(built.meta["splits"].values()) == len(built.qa)
     assert len(built.split_indices("train", answerable=True)) > 50
@@ -301,11 +296,6 @@ def test_too_small_vocab_is_a_clear_error(tmp_path):
     assert "try a smaller value" not in str(e.value), "the hint must not point the wrong way"
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="BUG: datasets._write_cache replaces any existing --to_dir and rmtree()s it, even a folder that is "
-    "not a dataset cache (user files are deleted)",
-)
 def test_build_refuses_to_replace_a_folder_that_is_not_a_cache(tmp_path):
     to = tmp_path / "mine"
     to.mkdir()
@@ -317,11 +307,6 @@ def test_build_refuses_to_replace_a_folder_that_is_not_a_cache(tmp_path):
     assert (to / "precious.txt").read_text() == "do not delete"
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="BUG: datasets.fingerprint hashes --from_dir's path, not its contents, so an edited corpus folder "
-    "keeps serving the stale cache",
-)
 def test_edited_source_folder_is_rebuilt(tmp_path):
     src = write_folder(tmp_path / "src", HAND_DOCS, HAND_QA)
     spec = D.SourceSpec(data="folder", from_dir=str(src))

@@ -178,21 +178,11 @@ def test_corrupt_newest_checkpoint_is_reported_and_the_previous_used(tiny_run, t
     assert (run / "checkpoints" / f"{older['id']}.embedding.safetensors").is_file()
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="BUG: --keep is never validated: checkpoint.save_checkpoint raises a plain ValueError at the first save "
-    "(after training up to it), which main.py does not catch: traceback, exit 1",
-)
 def test_keep_zero_is_a_usage_error(tmp_path):
     line = one_line_error(main_py(tmp_path / "run", "--target", "retriever", "--keep", "0"))
     assert "--keep" in line
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="BUG: builtin_corpus.generate raises a plain ValueError for a negative --corpus_size; "
-    "datasets.read_corpus does not turn it into a DatasetError: traceback, exit 1",
-)
 def test_negative_corpus_size_is_a_usage_error(tmp_path):
     line = one_line_error(main_py(tmp_path / "run", "--target", "dataset", "--corpus_size", "-5"))
     assert "--corpus_size" in line or "num_documents" in line

@@ -13,7 +13,6 @@ from mlx.utils import tree_flatten
 
 from helpers import build_builtin, quiet, tiny_generator, tiny_retriever, weights_numpy
 
-import checkpoint as ckpt  # noqa: E402
 import generator as G  # noqa: E402
 import index as chunk_index  # noqa: E402
 import retriever as R  # noqa: E402
