@@ -11,7 +11,7 @@ import numpy as np
 
 from datasets import BOS_ID, EOS_ID, PAD_ID, Dataset
 from training import UsageError
-from layers import NEG_INF, DecoderBlock, Encoder, init_embedding, padding_mask
+from layers import NEG_INF, DecoderBlock, Encoder, check_dims, init_embedding, padding_mask
 
 
 @dataclass
@@ -26,10 +26,7 @@ class ModelArgs:
     checkpoint: bool = False
 
     def __post_init__(self):
-        if min(self.dim, self.num_blocks, self.num_decoder_blocks, self.num_heads) <= 0:
-            raise ValueError("--dim, --num_blocks and --num_heads must be positive")
-        if self.dim % self.num_heads or (self.dim // self.num_heads) % 2:
-            raise ValueError(f"--dim {self.dim} must be a multiple of 2 x --num_heads {self.num_heads}")
+        check_dims(self.dim, self.num_heads, self.num_blocks, self.num_decoder_blocks)
 
     def to_dict(self) -> dict:
         return asdict(self)

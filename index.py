@@ -9,7 +9,10 @@ import mlx.core as mx
 import numpy as np
 
 import checkpoint as ckpt
+import distributed as dist
 from metrics import mean_reciprocal_rank, recall_at_k
+
+INDEX_KINDS = ("exact", "faiss", "usearch")
 
 
 def embed(model, tokens: np.ndarray, batch_size: int = 256, progress: bool = False) -> mx.array:
@@ -27,8 +30,21 @@ def embed(model, tokens: np.ndarray, batch_size: int = 256, progress: bool = Fal
     return mx.concatenate(out, axis=0) if out else mx.zeros((0, model.args.embedding_dim))
 
 
-def search(queries: mx.array, index: mx.array, k: int, batch_size: int = 1024) -> tuple[np.ndarray, np.ndarray]:
-    """Exact top-k by inner product for many queries at once: one matmul and a partial sort per batch."""
+def embed_distributed(model, tokens: np.ndarray, batch_size: int = 256, progress: bool = False) -> mx.array:
+    """`embed` with the rows split across the `mlx.launch` processes and gathered back (all ranks get all
+    rows, in order); exactly `embed` when alone."""
+    if dist.size() == 1:
+        return embed(model, tokens, batch_size, progress)
+    local = embed(model, dist.shard(tokens, dist.rank(), dist.size()), batch_size, progress and dist.is_main())
+    return dist.all_gather_rows(local)
+
+
+def search(queries: mx.array, index, k: int, batch_size: int = 1024) -> tuple[np.ndarray, np.ndarray]:
+    """Exact top-k by inner product for many queries at once: one matmul and a partial sort per batch.
+
+    `index` is an [N, E] array, or a `ShardedIndex` / approximate index (anything with `.search`)."""
+    if not isinstance(index, mx.array):
+        return index.search(queries, k)
     k = min(k, index.shape[0])
     all_scores, all_ids = [], []
     for i in range(0, queries.shape[0], batch_size):
@@ -49,29 +65,258 @@ def index_path(directory: str | Path, retriever_id: str) -> Path:
     return Path(directory) / f"{retriever_id}.embedding.safetensors"
 
 
-def load_or_build(model, retriever_id: str, chunks: np.ndarray, directory: str | Path, log=print,
-                  embedding_identifier: str | None = None) -> mx.array:
-    """The chunk index of this retriever checkpoint: read from its cache, or built and cached atomically.
+def manifest_path(directory: str | Path, name: str) -> Path:
+    """The JSON that lists a sharded index's `<name>.embedding-<i>-of-<n>.npy` files (written last)."""
+    return Path(directory) / f"{name}.embedding.json"
 
-    A cache whose metadata names another retriever, or with the wrong number of chunks, is rebuilt."""
-    path = index_path(directory, embedding_identifier or retriever_id)
+
+class ShardedIndex:
+    """An exact index held as row shards (in memory, or memory-mapped .npy files searched one at a time).
+
+    Each shard gives its own top-k; the union of the shards' top-k holds the global top-k, so merging them by
+    score is exact (ties aside)."""
+
+    def __init__(self, shards: list, in_memory: bool = True):
+        if not shards:
+            raise ValueError("a sharded index needs at least one shard")
+        self.offsets = np.cumsum([0] + [len(s) for s in shards])
+        self.shards = [s if isinstance(s, mx.array) or not in_memory else mx.array(np.asarray(s)) for s in shards]
+        self.shape = (int(self.offsets[-1]), int(shards[0].shape[1]))
+
+    def search(self, queries: mx.array, k: int) -> tuple[np.ndarray, np.ndarray]:
+        k = min(k, self.shape[0])
+        scores, ids = [], []
+        for offset, shard in zip(self.offsets, self.shards):
+            if len(shard) == 0:
+                continue
+            s, i = search(queries, shard if isinstance(shard, mx.array) else mx.array(np.asarray(shard)), k)
+            scores.append(s)
+            ids.append(i + offset)
+        return merge_topk(np.concatenate(scores, axis=1), np.concatenate(ids, axis=1), k)
+
+    def to_array(self) -> mx.array:
+        return mx.concatenate([s if isinstance(s, mx.array) else mx.array(np.asarray(s)) for s in self.shards])
+
+
+def merge_topk(scores: np.ndarray, ids: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+    """The k best (score, id) pairs of each row, best first (candidates from several shards side by side)."""
+    order = np.argsort(-scores, axis=1, kind="stable")[:, :k]
+    return np.take_along_axis(scores, order, axis=1), np.take_along_axis(ids, order, axis=1)
+
+
+def save_sharded(directory: str | Path, name: str, embeddings: mx.array, num_shards: int, retriever_id: str) -> Path:
+    """Write `embeddings` as `num_shards` contiguous .npy shards (atomic each) and then the manifest."""
+    directory = Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    emb = np.asarray(embeddings, dtype=np.float32)
+    files = []
+    for i in range(num_shards):
+        start, stop = dist.shard_bounds(len(emb), i, num_shards)
+        path = directory / f"{name}.embedding-{i}-of-{num_shards}.npy"
+        tmp = ckpt._write_temp(directory, "-" + path.name, lambda f, a=emb[start:stop]: np.save(f, a))
+        ckpt._replace_or_discard(tmp, path)
+        files.append({"file": path.name, "rows": stop - start})
+    manifest = manifest_path(directory, name)
+    ckpt.atomic_write_json(manifest, {"retriever": retriever_id, "num_chunks": len(emb), "dim": int(emb.shape[1]),
+                                      "dtype": "float32", "shards": files})
+    return manifest
+
+
+def open_sharded(manifest: Path, retriever_id: str, num_chunks: int, in_memory: bool = True) -> ShardedIndex:
+    """Open a sharded index with its shards memory-mapped; ValueError if it belongs to another retriever or
+    corpus, or a shard is missing or the wrong size."""
+    import json
+
+    meta = json.loads(manifest.read_text())
+    if meta.get("retriever") != retriever_id or meta.get("num_chunks") != num_chunks:
+        raise ValueError("belongs to another retriever or corpus")
+    shards = []
+    for entry in meta["shards"]:
+        arr = np.load(manifest.parent / entry["file"], mmap_mode="r")
+        if arr.ndim != 2 or len(arr) != entry["rows"] or arr.shape[1] != meta["dim"]:
+            raise ValueError(f"shard {entry['file']} has shape {arr.shape}, expected ({entry['rows']}, {meta['dim']})")
+        shards.append(arr)
+    return ShardedIndex(shards, in_memory=in_memory)
+
+
+def _read_cache(directory: Path, name: str, retriever_id: str, num_chunks: int, log):
+    """The cached index called `name` (sharded or single file), or None when absent or unusable."""
+    manifest = manifest_path(directory, name)
+    if manifest.is_file():
+        try:
+            return open_sharded(manifest, retriever_id, num_chunks)
+        except (OSError, ValueError, KeyError) as e:
+            log(f"warning: {manifest.name}: {e}; rebuilding")
+    path = index_path(directory, name)
     if path.is_file():
         try:
             arrays, meta = mx.load(str(path), return_metadata=True)
             emb = arrays["embeddings"]
-            if meta.get("retriever") == retriever_id and emb.shape[0] == len(chunks):
+            if meta.get("retriever") == retriever_id and emb.shape[0] == num_chunks:
                 return emb
             log(f"warning: {path.name} belongs to another retriever or corpus; rebuilding")
         except (OSError, RuntimeError, ValueError, KeyError) as e:
             log(f"warning: {path.name} is unreadable ({e}); rebuilding")
-        if embedding_identifier:
-            path = index_path(directory, retriever_id)
+    return None
+
+
+def load_or_build(model, retriever_id: str, chunks: np.ndarray, directory: str | Path, log=print,
+                  embedding_identifier: str | None = None, kind: str = "exact"):
+    """The chunk index of this retriever checkpoint: read from its cache, or built and cached atomically.
+
+    A cache whose metadata names another retriever, or with the wrong number of chunks, is rebuilt. One process
+    writes `<id>.embedding.safetensors`; under `mlx.launch` each rank embeds its share of the chunks, the shares
+    are gathered and rank 0 writes them as memory-mappable `.npy` shards plus `<id>.embedding.json` (either
+    form is read back by any number of processes). `kind` "faiss" or "usearch" returns an approximate index
+    built from (and cached beside) the exact embeddings."""
+    if kind not in INDEX_KINDS:
+        raise ValueError(f"--index must be one of {', '.join(INDEX_KINDS)}, got {kind!r}")
+    directory = Path(directory)
+    name = embedding_identifier or retriever_id
+    index = _read_cache(directory, name, retriever_id, len(chunks), log)
+    if index is None and embedding_identifier:
+        name = retriever_id
+        index = _read_cache(directory, name, retriever_id, len(chunks), log)
+    # Every rank must take part in building if any must (a rank without the shared folder would otherwise hang).
+    if dist.any_flag(index is None):
+        index = _build(model, retriever_id, chunks, directory, log)
+        name = retriever_id
+    if kind == "exact":
+        return index
+    emb = index.to_array() if isinstance(index, ShardedIndex) else index
+    return load_or_build_approximate(emb, directory, name, retriever_id, kind, log)
+
+
+def _build(model, retriever_id: str, chunks: np.ndarray, directory: Path, log):
+    group, rank, size = dist.world()
     tic = time.perf_counter()
-    emb = embed(model, chunks, progress=True)
+    emb = embed_distributed(model, chunks, progress=True)
     elapsed = time.perf_counter() - tic
-    log(f"index: embedded {len(chunks):,} chunks in {elapsed:.1f}s ({len(chunks) / max(elapsed, 1e-9):,.0f} chunks/s)")
-    ckpt.atomic_save_safetensors(path, {"embeddings": emb}, {"retriever": retriever_id, "num_chunks": str(len(chunks))})
-    return emb
+    log(f"index: embedded {len(chunks):,} chunks in {elapsed:.1f}s ({len(chunks) / max(elapsed, 1e-9):,.0f} chunks/s"
+        + (f" over {size} processes)" if size > 1 else ")"))
+    if size == 1:
+        ckpt.atomic_save_safetensors(index_path(directory, retriever_id), {"embeddings": emb},
+                                     {"retriever": retriever_id, "num_chunks": str(len(chunks))})
+        return emb
+    if rank == 0:  # rank 0 holds every row after the gather, so its folder always gets a complete index
+        save_sharded(directory, retriever_id, emb, size, retriever_id)
+    dist.barrier()
+    return ShardedIndex([emb[slice(*dist.shard_bounds(len(emb), r, size))] for r in range(size)])
+
+
+class ApproximateIndex:
+    """Approximate inner-product search with faiss (IVF-Flat) or usearch (HNSW), behind the same `search`."""
+
+    def __init__(self, kind: str, backend, num_rows: int, dim: int):
+        self.kind, self.backend, self.shape = kind, backend, (num_rows, dim)
+
+    def search(self, queries: mx.array, k: int) -> tuple[np.ndarray, np.ndarray]:
+        q = np.ascontiguousarray(np.asarray(queries, dtype=np.float32))
+        k = min(k, self.shape[0])
+        if self.kind == "faiss":
+            scores, ids = self.backend.search(q, k)
+            return scores.astype(np.float32), ids.astype(np.int64)
+        matches = self.backend.search(q, k)
+        ids = np.asarray(matches.keys, dtype=np.int64).reshape(len(q), -1)
+        scores = 1.0 - np.asarray(matches.distances, dtype=np.float32).reshape(len(q), -1)  # usearch "ip" = 1 - dot
+        return scores, ids
+
+
+def _faiss_build(emb: np.ndarray):
+    import faiss
+
+    n, d = emb.shape
+    # IVF-Flat: ~4 sqrt(N) inverted lists (at least 39 training points each), 1/16 of them probed per query.
+    nlist = max(1, min(int(4 * np.sqrt(n)), n // 39))
+    quantizer = faiss.IndexFlatIP(d)
+    index = faiss.IndexIVFFlat(quantizer, d, nlist, faiss.METRIC_INNER_PRODUCT)
+    index.train(emb)
+    index.add(emb)
+    index.nprobe = max(1, nlist // 16)
+    return index, {"type": "IVFFlat", "nlist": nlist, "nprobe": index.nprobe}
+
+
+def _usearch_build(emb: np.ndarray):
+    from usearch.index import Index
+
+    index = Index(ndim=emb.shape[1], metric="ip", dtype="f32", connectivity=16, expansion_add=128,
+                  expansion_search=64)
+    index.add(np.arange(len(emb), dtype=np.uint64), emb)
+    return index, {"type": "HNSW", "connectivity": 16, "expansion_add": 128, "expansion_search": 64}
+
+
+def approximate_path(directory: str | Path, name: str, kind: str) -> Path:
+    return Path(directory) / f"{name}.embedding.{kind}"
+
+
+def load_or_build_approximate(embeddings, directory: str | Path, name: str, retriever_id: str, kind: str,
+                              log=print, recall_queries: np.ndarray | None = None, k: int = 10) -> ApproximateIndex:
+    """An approximate index of `embeddings`, read from `<name>.embedding.<kind>` (with a `.json` beside it) or
+    built, cached and checked: it logs recall@k against exact search for `recall_queries` (default: 1,000
+    stored embeddings, each finding itself among others, so slightly optimistic)."""
+    directory = Path(directory)
+    emb = np.ascontiguousarray(np.asarray(embeddings, dtype=np.float32))
+    path, meta_path = approximate_path(directory, name, kind), approximate_path(directory, name, kind + ".json")
+    if path.is_file() and meta_path.is_file():
+        import json
+
+        meta = json.loads(meta_path.read_text())
+        if meta.get("retriever") == retriever_id and meta.get("num_chunks") == len(emb):
+            return ApproximateIndex(kind, _approximate_read(kind, path, meta), len(emb), emb.shape[1])
+        log(f"warning: {path.name} belongs to another retriever or corpus; rebuilding")
+    tic = time.perf_counter()
+    backend, params = _faiss_build(emb) if kind == "faiss" else _usearch_build(emb)
+    built = time.perf_counter() - tic
+    index = ApproximateIndex(kind, backend, len(emb), emb.shape[1])
+    recall = approximate_recall(index, emb, recall_queries, k)
+    log(f"index: {kind} {params['type']} over {len(emb):,} chunks built in {built:.1f}s; "
+        f"recall@{k} vs exact search {recall:.3f}")
+    meta = {"retriever": retriever_id, "num_chunks": len(emb), "kind": kind, "params": params,
+            f"recall@{k}": recall, "build_seconds": built}
+    if dist.is_main():
+        tmp = ckpt._temp_path(directory, "-" + path.name)
+        try:
+            _approximate_write(kind, backend, tmp)
+            ckpt._replace_or_discard(tmp, path)
+        finally:
+            tmp.unlink(missing_ok=True)
+        ckpt.atomic_write_json(meta_path, meta)  # last: marks the cache complete
+    return index
+
+
+def _approximate_write(kind: str, backend, path: Path) -> None:
+    if kind == "faiss":
+        import faiss
+
+        faiss.write_index(backend, str(path))
+    else:
+        backend.save(str(path))
+
+
+def _approximate_read(kind: str, path: Path, meta: dict):
+    if kind == "faiss":
+        import faiss
+
+        index = faiss.read_index(str(path))
+        index.nprobe = meta["params"]["nprobe"]
+        return index
+    from usearch.index import Index
+
+    return Index.restore(str(path), view=True)  # memory-mapped
+
+
+def approximate_recall(index, embeddings: np.ndarray, queries: np.ndarray | None = None, k: int = 10,
+                       n: int = 1000, seed: int = 0) -> float:
+    """Mean fraction of the exact top-k that the approximate index also returns."""
+    emb = mx.array(embeddings)
+    if queries is None:
+        rows = np.random.default_rng(seed).choice(len(embeddings), size=min(n, len(embeddings)), replace=False)
+        queries = embeddings[rows]
+    q = mx.array(np.asarray(queries, dtype=np.float32))
+    _, exact = search(q, emb, k)
+    _, approx = index.search(q, k)
+    hits = [len(set(a.tolist()) & set(e.tolist())) / len(e) for a, e in zip(approx, exact)]
+    return float(np.mean(hits)) if hits else 1.0
 
 
 def evaluate(model, data, question_ids: np.ndarray, index: mx.array | None = None, ks=(1, 5, 20)) -> dict:

@@ -15,6 +15,14 @@ import mlx.nn as nn
 NEG_INF = -1e9
 
 
+def check_dims(dim: int, num_heads: int, *depths: int) -> None:
+    """Validate a transformer's shape: positive sizes, and heads of an even width (RoPE rotates pairs)."""
+    if min(dim, num_heads, *depths) <= 0:
+        raise ValueError("--dim, --num_blocks and --num_heads must be positive")
+    if dim % num_heads or (dim // num_heads) % 2:
+        raise ValueError(f"--dim {dim} must be a multiple of 2 x --num_heads {num_heads}")
+
+
 def padding_mask(valid: mx.array, dtype=mx.float32) -> mx.array:
     """Additive attention mask [B, 1, 1, L] from a boolean [B, L] array of real (non-pad) positions."""
     return mx.where(valid, 0.0, NEG_INF).astype(dtype)[:, None, None, :]

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import argparse
 import sys
-from pathlib import Path
 
 TARGETS = ("none", "dataset", "retriever", "all", "eval")
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass
+from functools import partial
 from pathlib import Path
 
 import mlx.core as mx
@@ -11,7 +12,7 @@ import numpy as np
 
 from datasets import PAD_ID, Dataset
 from training import UsageError
-from layers import Encoder, init_embedding, padding_mask
+from layers import Encoder, check_dims, init_embedding, padding_mask
 import distributed as dist
 
 
@@ -26,10 +27,7 @@ class ModelArgs:
     checkpoint: bool = False
 
     def __post_init__(self):
-        if self.dim <= 0 or self.num_blocks <= 0 or self.num_heads <= 0:
-            raise ValueError("--dim, --num_blocks and --num_heads must be positive")
-        if self.dim % self.num_heads or (self.dim // self.num_heads) % 2:
-            raise ValueError(f"--dim {self.dim} must be a multiple of 2 x --num_heads {self.num_heads}")
+        check_dims(self.dim, self.num_heads, self.num_blocks, self.embedding_dim)
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -151,8 +149,6 @@ def train(
 
     Under `mlx.launch` each rank trains on its share of every global batch; in-batch negatives span the global
     batch unless `local_negatives`; only rank 0 logs and saves."""
-    from functools import partial
-
     import index as chunk_index
     import training as T
 
@@ -196,14 +192,20 @@ def train(
                                    {"tokenizer_sha1": data.tokenizer_sha1, "best": state["best"]}, state["id"])
         log(f"saved retriever {state['id'][:12]} at step {step}")
 
-    ckpt_cleanup(directory)
-    if dist.size() > 1:
-        loss_fn = partial(contrastive_loss, gather=not local_negatives)
-        shard = partial(shard_contrastive, local_negatives=local_negatives)
-    else:
-        loss_fn, shard = contrastive_loss, None
-    T.fit(model, optimizer, cfg, loss_fn, batches, start, evaluate, save, "acc", log, compile, shard)
+    if dist.is_main():  # the single writer of the folder
+        ckpt_cleanup(directory)
+    loss_fn, shard = parallel_loss(local_negatives)
+    T.fit(model, optimizer, cfg, loss_fn, batches, start, evaluate, save, "acc", log, compile, shard_batch=shard)
     return model, state["id"]
+
+
+def parallel_loss(local_negatives: bool = False):
+    """(loss_fn, shard_batch) for `training.fit`: the plain loss alone; under `mlx.launch` the sharded batch with
+    chunk embeddings gathered across ranks (or kept local with `local_negatives`)."""
+    if dist.size() == 1:
+        return contrastive_loss, None
+    return (partial(contrastive_loss, gather=not local_negatives),
+            partial(shard_contrastive, local_negatives=local_negatives))
 
 
 def _quiet(_msg: str) -> None:
