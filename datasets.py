@@ -8,12 +8,13 @@ so a failed run never touches a prepared cache:
     meta.json           sizes, special ids, tokenizer sha1, the fingerprint of the inputs, statistics
     tokenizer.model     SentencePiece BPE model (PAD=0, UNK=1, BOS=2, EOS=3)
     documents.json      [{"id", "title"}] in chunk order
-    qa.json             [{"id", "question", "answers", "split", "doc_ids"}]
+    qa.json             [{"id", "question", "answers", "split", "doc_ids"}], plus "expanded" with --expand_answers
     chunks.npy          int32 [num_chunks, context_size], PAD-filled after each document's last token
     chunk_doc.npy       int32 [num_chunks]  document index of each chunk
     chunk_offset.npy    int32 [num_chunks]  token offset of the chunk inside its document
     questions.npy       int32 [num_qa, max_question_tokens]  PAD-filled
-    answers.npy         int32 [num_qa, max_answer_tokens]    canonical answer + EOS, PAD-filled
+    answers.npy         int32 [num_qa, max_answer_tokens]    canonical answer (or its expanded sentence) + EOS
+    expansions.json     {"models": {model: {question id: {"question", "answer", "expanded"}}}}, kept across rebuilds
     pos_offsets.npy     int64 [num_qa + 1]  CSR offsets into pos_chunks
     pos_chunks.npy      int32 chunks that contain each question's answer
 """
@@ -34,6 +35,7 @@ import numpy as np
 import sentencepiece as spm
 
 import checkpoint as ckpt
+import expansion
 from metrics import normalize_answer
 from records import Document, QAPair, split_of
 
@@ -41,6 +43,7 @@ PAD_ID, UNK_ID, BOS_ID, EOS_ID = 0, 1, 2, 3
 FORMAT_VERSION = 1
 MAX_QUESTION_TOKENS = 48
 MAX_ANSWER_TOKENS = 32
+MAX_EXPANDED_TOKENS = 64  # a whole sentence, when answers are expanded
 
 
 class DatasetError(ValueError):
@@ -57,6 +60,7 @@ class SourceSpec:
     seed: int = 0
     squad_documents: str = "articles"
     max_questions: int | None = None
+    expander_model: str | None = None  # --expand_answers: mlx_lm model that rewrites answers as sentences
 
 
 def read_corpus(spec: SourceSpec, log=print) -> tuple[list[Document], list[QAPair]]:
@@ -201,10 +205,60 @@ def _pad_rows(rows: list[list[int]], width: int) -> np.ndarray:
     return out
 
 
+EXPANSIONS_FILE = "expansions.json"
+
+
+def read_expansions(to_dir: Path, log=print) -> dict[str, dict[str, dict]]:
+    """The expansion cache of an existing dataset folder: {model: {question id: entry}}; {} when there is none."""
+    path = Path(to_dir) / EXPANSIONS_FILE
+    if not path.is_file():
+        return {}
+    try:
+        data = json.loads(path.read_text())
+    except (OSError, ValueError) as e:
+        log(f"warning: {path}: unreadable expansion cache ({e}); answers will be expanded again")
+        return {}
+    models = data.get("models") if isinstance(data, dict) else None
+    return {m: e for m, e in models.items() if isinstance(e, dict)} if isinstance(models, dict) else {}
+
+
+def expand_qa(model_name: str | None, qa: list[QAPair], to_dir: Path, log=print) -> tuple[list[str] | None, dict]:
+    """Each question's canonical answer as a sentence by `model_name` (None: no expansion), reusing the cache in
+    `to_dir` for questions whose id, text and answer are unchanged. Returns (sentences or None, updated cache)."""
+    cache = read_expansions(to_dir, log)
+    if model_name is None:
+        return None, cache  # an existing cache is carried over, for a later --expand_answers
+    entries = dict(cache.get(model_name, {}))
+
+    def cached(q: QAPair) -> str | None:
+        e = entries.get(q.id)
+        if isinstance(e, dict) and (e.get("question"), e.get("answer")) == (q.question, q.answers[0]):
+            return e.get("expanded") if isinstance(e.get("expanded"), str) else None
+        return None
+
+    out = [cached(q) for q in qa]
+    todo = [i for i, e in enumerate(out) if e is None]
+    log(f"expansion: {len(qa) - len(todo):,} answers from the cache, {len(todo):,} to generate with {model_name}")
+    if todo:
+        try:
+            model, tokenizer = expansion.load_expander(model_name)
+            sentences = expansion.expand_answers(model, tokenizer, [(qa[i].question, qa[i].answers[0]) for i in todo],
+                                                 log=log)
+        except expansion.ExpansionError as e:
+            raise DatasetError(str(e)) from None
+        for i, sentence in zip(todo, sentences):
+            out[i] = sentence
+            entries[qa[i].id] = {"question": qa[i].question, "answer": qa[i].answers[0], "expanded": sentence}
+    cache[model_name] = entries
+    return out, cache
+
+
 def fingerprint(spec: SourceSpec, vocab_size: int, context_size: int) -> str:
     import builtin_corpus
 
     payload = dict(vars(spec), vocab_size=vocab_size, context_size=context_size, version=FORMAT_VERSION)
+    if payload["expander_model"] is None:  # caches built before the option existed stay valid
+        del payload["expander_model"]
     if spec.data == "builtin":  # new templates must not reuse an old cache
         payload["builtin_version"] = builtin_corpus.VERSION
     if spec.from_dir:
@@ -248,6 +302,8 @@ def build_dataset(spec: SourceSpec, to_dir: str | Path, vocab_size: int = 4096, 
     docs = [d for d in docs if d.text.strip()]
     if not docs:
         raise DatasetError(f"--data {spec.data}: no documents with text")
+    # Before the tokenizer, so that an unusable --expander_model fails fast.
+    expanded, expansions = expand_qa(spec.expander_model, qa, to_dir, log)
 
     log(f"dataset: {len(docs):,} documents, {len(qa):,} QA pairs; training a {vocab_size}-token BPE tokenizer")
     model_bytes = train_tokenizer([d.text for d in docs] + [q.question for q in qa], vocab_size, spec.seed)
@@ -264,14 +320,17 @@ def build_dataset(spec: SourceSpec, to_dir: str | Path, vocab_size: int = 4096, 
         log(f"warning: {len(qa) - len(keep)} questions have no tokens and were dropped")
     qa = [qa[i] for i in keep]
     q_tokens = [q_tokens[i] for i in keep]
-    a_tokens = [t + [EOS_ID] for t in sp.encode([q.answers[0] for q in qa])] if qa else []
+    expanded = None if expanded is None else [expanded[i] for i in keep]
+    targets = expanded if expanded is not None else [q.answers[0] for q in qa]
+    a_tokens = [t + [EOS_ID] for t in sp.encode(targets)] if qa else []
     labels = label_answers(chunk_texts, chunk_doc, qa, doc_index)
     no_answer = sum(1 for l in labels if not l)
     if no_answer:
         log(f"warning: {no_answer:,} of {len(qa):,} questions have their answer in no chunk (kept, counted as misses)")
 
     q_width = min(MAX_QUESTION_TOKENS, max((len(t) for t in q_tokens), default=1))
-    a_width = min(MAX_ANSWER_TOKENS, max((len(t) for t in a_tokens), default=1))
+    a_width = min(MAX_ANSWER_TOKENS if expanded is None else MAX_EXPANDED_TOKENS,
+                  max((len(t) for t in a_tokens), default=1))
     splits = [split_of(q.id) for q in qa]
     pos_offsets = np.zeros(len(qa) + 1, dtype=np.int64)
     pos_offsets[1:] = np.cumsum([len(l) for l in labels])
@@ -292,6 +351,8 @@ def build_dataset(spec: SourceSpec, to_dir: str | Path, vocab_size: int = 4096, 
         "tokens": int(sum(len(t) for t in doc_tokens)),
         "question_tokens": q_width,
         "answer_tokens": a_width,
+        "expansion_fallbacks": None if expanded is None else sum(
+            e == expansion.fallback_sentence(q.answers[0]) for q, e in zip(qa, expanded)),
     }
     arrays = {
         "chunks": chunks,
@@ -302,7 +363,7 @@ def build_dataset(spec: SourceSpec, to_dir: str | Path, vocab_size: int = 4096, 
         "pos_offsets": pos_offsets,
         "pos_chunks": pos_chunks,
     }
-    _write_cache(to_dir, meta, model_bytes, docs, qa, splits, arrays)
+    _write_cache(to_dir, meta, model_bytes, docs, qa, splits, arrays, expanded, expansions)
     log(
         f"dataset: {meta['num_chunks']:,} chunks of {context_size} tokens, "
         f"splits {meta['splits']}, written to {to_dir}"
@@ -310,7 +371,7 @@ def build_dataset(spec: SourceSpec, to_dir: str | Path, vocab_size: int = 4096, 
     return to_dir
 
 
-def _write_cache(to_dir: Path, meta, model_bytes, docs, qa, splits, arrays) -> None:
+def _write_cache(to_dir: Path, meta, model_bytes, docs, qa, splits, arrays, expanded=None, expansions=None) -> None:
     """Write everything into a temporary sibling folder, fsync it, then swap it in whole."""
     to_dir.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=".tmp-" + to_dir.name + "-", dir=to_dir.parent))
@@ -321,12 +382,15 @@ def _write_cache(to_dir: Path, meta, model_bytes, docs, qa, splits, arrays) -> N
             json.dumps(
                 [
                     {"id": q.id, "question": q.question, "answers": q.answers, "split": s, "doc_ids": q.doc_ids}
-                    for q, s in zip(qa, splits)
+                    | ({} if expanded is None else {"expanded": expanded[i]})
+                    for i, (q, s) in enumerate(zip(qa, splits))
                 ]
             )
         )
         for name, arr in arrays.items():
             np.save(tmp / f"{name}.npy", arr, allow_pickle=False)
+        if expansions:
+            (tmp / EXPANSIONS_FILE).write_text(json.dumps({"format": 1, "models": expansions}))
         (tmp / "meta.json").write_text(json.dumps(meta, indent=2, sort_keys=True))
         for f in tmp.iterdir():
             with open(f, "rb") as fh:

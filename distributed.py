@@ -60,8 +60,12 @@ def check_divisible(n: int, what: str, size: int) -> None:
 
 
 def all_sum(x: mx.array) -> mx.array:
-    """Sum over ranks (identity when alone)."""
-    return mx.distributed.all_sum(x) if size() > 1 else x
+    """Sum over ranks (identity when alone), evaluated at once (see `all_gather_rows`)."""
+    if size() == 1:
+        return x
+    out = mx.distributed.all_sum(x)
+    mx.eval(out)
+    return out
 
 
 def all_gather_rows(x: mx.array) -> mx.array:
@@ -74,7 +78,10 @@ def all_gather_rows(x: mx.array) -> mx.array:
     longest = max(counts)
     if x.shape[0] < longest:
         x = mx.concatenate([x, mx.zeros((longest - x.shape[0], *x.shape[1:]), dtype=x.dtype)])
+    # Evaluated here: ring collectives must run in the same order on every rank, and a lazy result evaluated
+    # later next to another collective (a barrier, say) would deadlock.
     gathered = mx.distributed.all_gather(x)
+    mx.eval(gathered)
     if all(c == longest for c in counts):
         return gathered
     return mx.concatenate([gathered[r * longest : r * longest + c] for r, c in enumerate(counts)])
@@ -131,4 +138,6 @@ def broadcast(arrays: Sequence[mx.array]) -> list[mx.array]:
     """Rank 0's values of `arrays` on every rank (all_sum of rank 0's values and zeros elsewhere)."""
     if size() == 1:
         return list(arrays)
-    return [mx.distributed.all_sum(a if is_main() else mx.zeros_like(a)) for a in arrays]
+    out = [mx.distributed.all_sum(a if is_main() else mx.zeros_like(a)) for a in arrays]
+    mx.eval(out)
+    return out

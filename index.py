@@ -226,13 +226,13 @@ def _faiss_build(emb: np.ndarray):
     import faiss
 
     n, d = emb.shape
-    # IVF-Flat: ~4 sqrt(N) inverted lists (at least 39 training points each), 1/16 of them probed per query.
+    # IVF-Flat: ~4 sqrt(N) inverted lists (at least 39 training points each); 1/16 of them (at least 8) probed.
     nlist = max(1, min(int(4 * np.sqrt(n)), n // 39))
     quantizer = faiss.IndexFlatIP(d)
     index = faiss.IndexIVFFlat(quantizer, d, nlist, faiss.METRIC_INNER_PRODUCT)
     index.train(emb)
     index.add(emb)
-    index.nprobe = max(1, nlist // 16)
+    index.nprobe = min(nlist, max(8, nlist // 16))
     return index, {"type": "IVFFlat", "nlist": nlist, "nprobe": index.nprobe}
 
 

@@ -54,6 +54,11 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--max_questions", type=int, default=None, help="read at most this many questions (real data)")
     g.add_argument("--context_size", type=int, default=64, help="tokens per chunk")
     g.add_argument("--vocab_size", type=int, default=4096, help="SentencePiece BPE vocabulary size")
+    g.add_argument("--expand_answers", action="store_true",
+                   help="train the generator to answer in full sentences: --expander_model rewrites each short "
+                        "answer as one (cached in the dataset folder; EM/F1 still use the short answers)")
+    g.add_argument("--expander_model", default=None,
+                   help="mlx_lm model for --expand_answers: a local folder or a Hugging Face id")
 
     g = p.add_argument_group("models (default: taken from the checkpoint when resuming)")
     g.add_argument("--num_blocks", type=int, default=None, help="transformer blocks per encoder/decoder [2]")
@@ -64,24 +69,30 @@ def build_parser() -> argparse.ArgumentParser:
 
     g = p.add_argument_group("training (default: taken from the checkpoint when resuming)")
     g.add_argument("--batch_size", type=int, default=None, help="questions per step, both models [32]")
-    g.add_argument("--num_iters", type=int, default=None, help="generator training steps [1500]")
-    g.add_argument("--retriever_iters", type=int, default=None, help="retriever training steps [600]")
+    g.add_argument("--num_iters", type=int, default=None, help="generator training steps [800]")
+    g.add_argument("--retriever_iters", type=int, default=None, help="retriever training steps [400]")
     g.add_argument("--learning_rate", type=float, default=None, help="peak learning rate [1e-3]")
     g.add_argument("--weight_decay", type=float, default=None, help="AdamW weight decay [0.01]")
     g.add_argument("--lr_warmup", type=int, default=None, help="linear warm-up steps [100]")
     g.add_argument("--steps_per_report", type=int, default=None, help="steps between training reports [50]")
-    g.add_argument("--steps_per_eval", type=int, default=None, help="steps between evaluations and checkpoints [250]")
+    g.add_argument("--steps_per_eval", type=int, default=None, help="steps between evaluations and checkpoints [200]")
     g.add_argument("--keep", type=int, default=None, help="checkpoints of each type to keep [3]")
     g.add_argument("--new_model", action="store_true", help="start fresh instead of resuming the newest checkpoint")
     g.add_argument("--identifier", default=None, help="generator checkpoint id (or prefix) to resume or use")
     g.add_argument("--retriever_identifier", default=None, help="retriever checkpoint id (or prefix) to resume or use")
     g.add_argument("--embedding_identifier", default=None,
                    help="chunk-embedding cache id to use (default: the one built for the retriever)")
+    g.add_argument("--local_negatives", action="store_true",
+                   help="under mlx.launch: score each rank's questions against its own chunks only, not the "
+                        "chunks of the whole global batch")
     g.add_argument("--visualisation", action="store_true",
                    help="at each evaluation, show a sample question, its retrieved chunks and the answer")
 
     g = p.add_argument_group("retrieval and decoding")
     g.add_argument("--top_k", type=int, default=5, help="chunks retrieved per question (fed to the generator)")
+    g.add_argument("--index", choices=("exact", "faiss", "usearch"), default="exact",
+                   help="dense search: exact top-K, or an approximate index (faiss IVF / usearch HNSW, pip "
+                        "install faiss-cpu or usearch) built from the cached embeddings, recall vs exact logged")
     g.add_argument("--retriever", choices=("dense", "bm25"), default="dense",
                    help="which retriever feeds the generator (--target eval)")
     g.add_argument("--split", choices=("valid", "test"), default="test", help="question split --target eval reports on")

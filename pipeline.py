@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import argparse
+import os
+import sys
 import time
 from pathlib import Path
 
@@ -10,6 +12,7 @@ import numpy as np
 
 import checkpoint
 import datasets
+import distributed as dist
 import readers
 import training
 
@@ -18,8 +21,8 @@ USER_ERRORS = (training.UsageError, datasets.DatasetError, checkpoint.Checkpoint
 
 # Training defaults for flags that default to None on the command line (None = "take it from the checkpoint").
 # Model defaults live in each model's ModelArgs.
-TRAIN_DEFAULTS = {"batch_size": 32, "num_iters": 1500, "retriever_iters": 600, "learning_rate": 1e-3,
-                  "weight_decay": 0.01, "lr_warmup": 100, "steps_per_report": 50, "steps_per_eval": 250, "keep": 3}
+TRAIN_DEFAULTS = {"batch_size": 32, "num_iters": 800, "retriever_iters": 400, "learning_rate": 1e-3,
+                  "weight_decay": 0.01, "lr_warmup": 100, "steps_per_report": 50, "steps_per_eval": 200, "keep": 3}
 
 
 def setup_runtime(args: argparse.Namespace) -> None:
@@ -58,12 +61,22 @@ def model_overrides(args) -> dict:
 def prepare_dataset(args):
     import datasets
 
+    expand, expander = getattr(args, "expand_answers", False), getattr(args, "expander_model", None)
+    if expand and not expander:
+        raise training.UsageError("--expand_answers needs --expander_model (a local mlx_lm folder or a HF model id)")
+    if expander and not expand:
+        raise training.UsageError("--expander_model is used only with --expand_answers; add it or drop the model")
     spec = datasets.SourceSpec(args.data, args.from_dir, args.corpus_size, args.seed, args.squad_documents,
-                               args.max_questions)
+                               args.max_questions, expander_model=expander if expand else None)
     to_dir = Path(args.to_dir) if args.to_dir else Path(args.save_dir) / "dataset"
     if args.batch_size is not None and args.batch_size <= 0:
         raise training.UsageError(f"--batch_size must be positive, got {args.batch_size}")
-    datasets.build_dataset(spec, to_dir, args.vocab_size, args.context_size)
+    # Under mlx.launch rank 0 builds first; the others then find it built (shared folder) or build their own.
+    if dist.is_main():
+        datasets.build_dataset(spec, to_dir, args.vocab_size, args.context_size)
+    dist.barrier()
+    if not dist.is_main():
+        datasets.build_dataset(spec, to_dir, args.vocab_size, args.context_size)
     return datasets.Dataset(to_dir)
 
 
@@ -84,6 +97,7 @@ def get_retriever(args, data, train: bool):
             data, directory, with_defaults(train_overrides(args, args.retriever_iters), defaults),
             model_overrides(args), args.retriever_identifier, args.new_model,
             visualisation=args.visualisation, compile=args.use_compile,
+            local_negatives=getattr(args, "local_negatives", False),
         )
     else:
         model, found = T.load_or_init(directory, "retriever", retriever.Retriever, retriever.ModelArgs,
@@ -92,7 +106,8 @@ def get_retriever(args, data, train: bool):
         if found is None:
             raise T.UsageError(f"no retriever checkpoint in {directory}: train one with --target retriever")
         rid = found.id
-    index = chunk_index.load_or_build(model, rid, data.chunks, directory, embedding_identifier=args.embedding_identifier)
+    index = chunk_index.load_or_build(model, rid, data.chunks, directory, embedding_identifier=args.embedding_identifier,
+                                      kind=getattr(args, "index", "exact"))
     return model, rid, index
 
 
@@ -194,6 +209,11 @@ def show_samples(data, retr, index, gen, args, n: int = 3) -> None:
 
 def run(args: argparse.Namespace) -> int:
     setup_runtime(args)
+    if dist.size() > 1:
+        if args.inference or args.target == "eval":
+            raise training.UsageError("--inference and --target eval run in one process, not under mlx.launch")
+        if not dist.is_main():
+            sys.stdout = open(os.devnull, "w")  # only rank 0 prints (errors still reach stderr)
     if args.target == "none":
         return 0
     tic = time.perf_counter()
@@ -217,6 +237,8 @@ def run(args: argparse.Namespace) -> int:
         return 0
     _, retrieved = retrieve_all(retr, data, index, args.top_k)
     gen, _ = get_generator(args, data, retrieved, rid, train)
+    if not dist.is_main():  # samples and test metrics: rank 0 only
+        return 0
     if args.inference:
         import inference
 

@@ -189,7 +189,7 @@ def fit(
     step_fn = build_step(model, optimizer, loss_fn, cfg.grad_clip, compile=compile)
     metrics: dict = {}
     if start_step >= cfg.num_iters:
-        log(f"already trained to step {start_step} (--num_iters {cfg.num_iters}); raise --num_iters to go on")
+        log(f"already trained to step {start_step} of {cfg.num_iters}; raise --num_iters (generator) or --retriever_iters to go on")
         return metrics
     losses, auxes, ntoks = [], [], []
     tic = time.perf_counter()

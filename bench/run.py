@@ -2,9 +2,11 @@
 
     python bench/run.py [--quick] [--skip_main] [--profile]
 
-Prints one table and writes bench/results.json. MLX runs in this process (re-executed with a fast BLAS exactly as
-main.py does); PyTorch and faiss run in `--worker` subprocesses with the user's own environment, so neither
-framework's threads or BLAS preload disturb the other's timings. Arrays travel through safetensors files.
+Prints one table and writes bench/results.json. MLX runs in this process, re-executed with a fast BLAS exactly as
+main.py does. PyTorch and faiss run in one `--worker` subprocess started with the user's own environment (no BLAS
+preload), so neither framework's threads disturb the other's timings. The two sides' timings are interleaved
+(one MLX sample, one reference sample, repeat) so that load from other processes hits both alike; each figure is
+the median of the samples. Arrays travel between the processes through safetensors files, commands as JSON lines.
 """
 
 from __future__ import annotations
@@ -20,6 +22,7 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+from typing import Callable
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
@@ -31,19 +34,12 @@ SIZES = {"small": dict(dim=256, num_blocks=4, num_heads=4), "large": dict(dim=10
 # ----------------------------------------------------------------------------------------------- shared helpers
 
 
-def timed(fn, warmup: int, steps: int, repeats: int) -> dict:
-    """Seconds per call of `fn` (which must block until done): median over `repeats` runs of `steps` calls."""
+def seconds(fn: Callable[[], object], steps: int = 1) -> float:
+    """Seconds per call of `fn` (which must block until its work is done), over `steps` calls."""
     tic = time.perf_counter()
-    for _ in range(warmup):
+    for _ in range(steps):
         fn()
-    first = time.perf_counter() - tic
-    samples = []
-    for _ in range(repeats):
-        tic = time.perf_counter()
-        for _ in range(steps):
-            fn()
-        samples.append((time.perf_counter() - tic) / steps)
-    return {"s": statistics.median(samples), "samples": samples, "warmup_s": first}
+    return (time.perf_counter() - tic) / steps
 
 
 def make_batches(kind: str, seed: int = 0) -> dict:
@@ -54,21 +50,24 @@ def make_batches(kind: str, seed: int = 0) -> dict:
 
     def rows(n, width, min_len):
         t = rng.integers(4, VOCAB, size=(n, width), dtype=np.int32)
-        lengths = rng.integers(min_len, width + 1, size=n)
-        t[np.arange(width)[None, :] >= lengths[:, None]] = 0
+        t[np.arange(width)[None, :] >= rng.integers(min_len, width + 1, size=n)[:, None]] = 0
         return t
 
     if kind == "retriever":
-        chunks = 2 * BATCH
-        mask = np.eye(BATCH, chunks, dtype=bool) | (rng.random((BATCH, chunks)) < 0.02)
-        return {"questions": rows(BATCH, QLEN, 6), "chunks": rows(chunks, CONTEXT, 40), "positive_mask": mask}
+        mask = np.eye(BATCH, 2 * BATCH, dtype=bool) | (rng.random((BATCH, 2 * BATCH)) < 0.02)
+        return {"questions": rows(BATCH, QLEN, 6), "chunks": rows(2 * BATCH, CONTEXT, 40), "positive_mask": mask}
     q = rows(BATCH, QLEN, 6)
     c = rows(BATCH * K_PASSAGES, CONTEXT, 40).reshape(BATCH, K_PASSAGES, CONTEXT)
-    sep = np.full((BATCH, K_PASSAGES, 1), 3, dtype=np.int32)
+    sep = np.full((BATCH, K_PASSAGES, 1), 3, dtype=np.int32)  # EOS between question and chunk
     passages = np.concatenate([np.broadcast_to(q[:, None], (BATCH, K_PASSAGES, QLEN)), sep, c], axis=2)
     answers = rows(BATCH, ANSWER_LEN, 2)
-    answer_in = np.concatenate([np.full((BATCH, 1), 2, np.int32), answers[:, :-1]], axis=1)
+    answer_in = np.concatenate([np.full((BATCH, 1), 2, np.int32), answers[:, :-1]], axis=1)  # BOS + answer
     return {"passages": np.ascontiguousarray(passages), "answer_in": answer_in, "answer_out": answers}
+
+
+def embed_chunks(n: int):
+    chunks = make_batches("retriever")["chunks"]
+    return chunks[[i % len(chunks) for i in range(n)]]
 
 
 def batch_tokens(kind: str) -> int:
@@ -79,18 +78,20 @@ def batch_tokens(kind: str) -> int:
 
 
 def train_flops(kind: str, dim: int, num_blocks: int, num_heads: int) -> float:
-    """Matmul FLOPs of one training step (forward x 3): 6 x weights per token plus attention and the tied output."""
+    """Matmul FLOPs of one training step (3 x forward): 6 x weights per token, plus attention, the tied output
+    projection and the copy pointer."""
 
     def encoder(n_seqs, L):
         return n_seqs * num_blocks * (24 * L * dim * dim + 4 * L * L * dim)
 
     if kind == "retriever":
-        fwd = encoder(BATCH, QLEN) + encoder(2 * BATCH, CONTEXT) + 2 * 3 * BATCH * dim * 128
-        return 3.0 * fwd
+        return 3.0 * (encoder(BATCH, QLEN) + encoder(2 * BATCH, CONTEXT) + 2 * 3 * BATCH * dim * 128)
     Lp, T = QLEN + 1 + CONTEXT, ANSWER_LEN
     S = K_PASSAGES * Lp
+    # Decoder block: self-attn 8TD^2, cross q/out 4TD^2 + kv on the memory 4SD^2, MLP 16TD^2, attention scores.
     per_block = 28 * T * dim * dim + 4 * S * dim * dim + 4 * T * T * dim + 4 * T * S * dim
-    fwd = encoder(BATCH * K_PASSAGES, Lp) + BATCH * (num_blocks * per_block + 2 * T * dim * VOCAB)
+    pointer = 2 * T * dim * dim + 2 * S * dim * dim + 2 * T * S * dim
+    fwd = encoder(BATCH * K_PASSAGES, Lp) + BATCH * (num_blocks * per_block + 2 * T * dim * VOCAB + pointer)
     return 3.0 * fwd
 
 
@@ -106,13 +107,41 @@ def worker_env() -> dict:
     return env
 
 
-def call_worker(task: str, spec: dict, timeout: float = 3600) -> dict:
-    """Run `bench/run.py --worker TASK SPEC` and return the JSON object on its last stdout line."""
-    cmd = [sys.executable, str(Path(__file__).resolve()), "--worker", task, json.dumps(spec)]
-    proc = subprocess.run(cmd, capture_output=True, text=True, env=worker_env(), timeout=timeout)
-    if proc.returncode != 0:
-        raise RuntimeError(f"bench worker {task} failed ({proc.returncode}): {proc.stderr.strip()[-2000:]}")
-    return json.loads(proc.stdout.strip().splitlines()[-1])
+class Worker:
+    """The PyTorch/faiss side: one long-lived `bench/run.py --worker` process answering JSON-line commands."""
+
+    def __init__(self, log_path: Path):
+        self.log = open(log_path, "w")
+        self.log_path = log_path
+        cmd = [sys.executable, str(Path(__file__).resolve()), "--worker"]
+        self.proc = subprocess.Popen(cmd, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=self.log,
+                                     text=True, env=worker_env())
+
+    def __call__(self, task: str, **spec) -> dict:
+        self.proc.stdin.write(json.dumps({"task": task, **spec}) + "\n")
+        self.proc.stdin.flush()
+        line = self.proc.stdout.readline()
+        if not line:
+            self.log.flush()
+            raise RuntimeError(f"bench worker died during {task}: {self.log_path.read_text()[-2000:]}")
+        reply = json.loads(line)
+        if "error" in reply:
+            raise RuntimeError(f"bench worker {task}: {reply['error']}")
+        return reply
+
+    def close(self) -> None:
+        self.proc.stdin.close()
+        self.proc.wait(timeout=60)
+        self.log.close()
+
+
+def interleaved(candidates: dict[str, Callable[[], float]], repeats: int) -> dict[str, dict]:
+    """Take `repeats` samples of every candidate in turn (A, B, C, A, B, C...); median seconds per candidate."""
+    samples: dict[str, list[float]] = {name: [] for name in candidates}
+    for _ in range(repeats):
+        for name, sample in candidates.items():
+            samples[name].append(sample())
+    return {name: {"s": statistics.median(s), "samples": s} for name, s in samples.items()}
 
 
 def row(figure: str, ours: float, reference: float | None, unit: str, ours_name: str, reference_name: str,
@@ -125,14 +154,6 @@ def row(figure: str, ours: float, reference: float | None, unit: str, ours_name:
 # ----------------------------------------------------------------------------------------------- MLX side
 
 
-def mlx_gemm_gflops(n: int = 2048, repeats: int = 5) -> float:
-    import mlx.core as mx
-
-    a, b = mx.random.normal((n, n)), mx.random.normal((n, n))
-    mx.eval(a, b)
-    return 2 * n**3 / timed(lambda: mx.eval(a @ b), 1, 1, repeats)["s"] / 1e9
-
-
 def mlx_model(kind: str, size: dict):
     import mlx.core as mx
 
@@ -140,32 +161,59 @@ def mlx_model(kind: str, size: dict):
     if kind == "retriever":
         import retriever as R
 
-        return R.Retriever(R.ModelArgs(vocab_size=VOCAB, **size)), R.contrastive_loss
-    import generator as G
+        model, loss = R.Retriever(R.ModelArgs(vocab_size=VOCAB, **size)), R.contrastive_loss
+    else:
+        import generator as G
 
-    args = G.ModelArgs(vocab_size=VOCAB, num_decoder_blocks=size["num_blocks"], **size)
-    return G.Generator(args), G.seq2seq_loss
+        args = G.ModelArgs(vocab_size=VOCAB, num_decoder_blocks=size["num_blocks"], **size)
+        model, loss = G.Generator(args), G.seq2seq_loss
+    mx.eval(model.parameters())
+    return model, loss
 
 
-def fig_train(kind: str, size_name: str, cfg: dict, peaks: dict, workdir: Path, profile: bool) -> list[dict]:
+def save_weights(model, path: Path) -> str:
+    import mlx.core as mx
+    from mlx.utils import tree_flatten
+
+    mx.save_safetensors(str(path), dict(tree_flatten(model.parameters())))
+    return str(path)
+
+
+def fig_gemm(worker: Worker, repeats: int) -> tuple[dict, dict]:
+    """Peak fp32 GEMM: a 2048^3 matmul in MLX and in torch (best of `repeats`)."""
+    import mlx.core as mx
+
+    n = 2048
+    a, b = mx.random.normal((n, n)), mx.random.normal((n, n))
+    mx.eval(a, b, a @ b)
+    worker("setup_gemm", n=n)
+    t = interleaved({"mlx": lambda: seconds(lambda: mx.eval(a @ b)), "torch": lambda: worker("time", name="gemm")["s"]},
+                    repeats)
+    peaks = {k: 2 * n**3 / min(v["samples"]) / 1e9 for k, v in t.items()}
+    return peaks, row(f"fp32 GEMM {n}^3 GFLOP/s (best)", peaks["mlx"], peaks["torch"], "GFLOP/s", "MLX", "torch")
+
+
+def fig_train(worker: Worker, kind: str, size_name: str, cfg: dict, peaks: dict, workdir: Path) -> list[dict]:
     """Figure 1: training tokens/s of our compiled step vs the same model in PyTorch (eager, torch.compile)."""
     import mlx.core as mx
     import mlx.optimizers as optim
-    from mlx.utils import tree_flatten
 
     import training as T
 
     size = SIZES[size_name]
     model, loss_fn = mlx_model(kind, size)
-    mx.eval(model.parameters())
     batch_np = make_batches(kind)
     batch = [mx.array(v) for v in batch_np.values()]
     params = T.count_parameters(model)
     initial_loss = loss_fn(model, *batch)[0].item()
-    weights = workdir / f"{kind}_{size_name}.safetensors"
-    mx.save_safetensors(str(weights), dict(tree_flatten(model.parameters())))
     batch_file = workdir / f"{kind}_batch.safetensors"
     mx.save_safetensors(str(batch_file), {k: mx.array(v) for k, v in batch_np.items()})
+    setup = worker("setup_train", kind=kind, size=size, weights=save_weights(model, workdir / "w.safetensors"),
+                   batch=str(batch_file), batch_keys=list(batch_np), copy=bool(getattr(model.args, "copy", False)),
+                   params=params, compile=not cfg["no_torch_compile"], warmup=cfg["warmup"])
+    if abs(setup["initial_loss"] - initial_loss) > 1e-3 * max(1.0, abs(initial_loss)):
+        raise AssertionError(f"{kind}: torch loss {setup['initial_loss']:.6f} != MLX loss {initial_loss:.6f} "
+                             f"with the same weights: bench/torch_models.py no longer matches the MLX model")
 
     optimizer = optim.AdamW(learning_rate=1e-3, weight_decay=0.01)
     step = T.build_step(model, optimizer, loss_fn, grad_clip=1.0, compile=True)
@@ -174,93 +222,96 @@ def fig_train(kind: str, size_name: str, cfg: dict, peaks: dict, workdir: Path, 
         loss, aux = step(*batch)
         mx.eval(loss, aux, model.state, optimizer.state)
 
-    ours = timed(run, cfg["warmup"], cfg["steps"], cfg["repeats"])
-    spec = {"kind": kind, "size": size, "weights": str(weights), "batch": str(batch_file), "params": params,
-            "batch_keys": list(batch_np), "copy": bool(getattr(model.args, "copy", False)),
-            **{k: cfg[k] for k in ("warmup", "steps", "repeats")}, "compile": not cfg["no_torch_compile"]}
-    ref = call_worker("train", spec)
-    if abs(ref["initial_loss"] - initial_loss) > 1e-3 * max(1.0, abs(initial_loss)):
-        raise AssertionError(f"{kind}: torch loss {ref['initial_loss']:.6f} != MLX loss {initial_loss:.6f} "
-                             f"with the same weights: the architectures differ")
+    warm = seconds(run, cfg["warmup"])
+    candidates = {"mlx": lambda: seconds(run, cfg["steps"]),
+                  "eager": lambda: worker("time", name="eager", steps=cfg["steps"])["s"]}
+    if "compiled" in setup["ready"]:
+        candidates["compiled"] = lambda: worker("time", name="compiled", steps=cfg["steps"])["s"]
+    t = interleaved(candidates, cfg["repeats"])
+    profile = profile_step(kind, model, loss_fn, batch, cfg) if cfg["profile"] and size_name == "small" else None
+    worker("reset")
+
     tokens, flops = batch_tokens(kind), train_flops(kind, **size)
     label = f"{kind} train {size['dim']}d tok/s"
+    ours = tokens / t["mlx"]["s"]
     common = dict(params=params, tokens_per_step=tokens, flops_per_step=flops, initial_loss_mlx=initial_loss,
-                  initial_loss_torch=ref["initial_loss"], mlx_timing=ours)
-    rows = [row(label, tokens / ours["s"], tokens / ref["eager"]["s"], "tok/s", "MLX compiled step",
-                "torch eager", torch_timing=ref["eager"], **common)]
-    mlx_frac = flops / ours["s"] / 1e9 / peaks["mlx"]
-    torch_frac = flops / ref["eager"]["s"] / 1e9 / peaks["torch"]
-    rows.append(row(f"{kind} train {size['dim']}d % of GEMM peak", 100 * mlx_frac, 100 * torch_frac, "%",
-                    "MLX compiled step", "torch eager"))
-    compiled = ref.get("compiled", {})
-    if "s" in compiled:
-        rows.append(row(label, tokens / ours["s"], tokens / compiled["s"], "tok/s", "MLX compiled step",
-                        "torch.compile", torch_timing=compiled))
+                  initial_loss_torch=setup["initial_loss"], timings=t, mlx_warmup_s=warm,
+                  torch_warmup_s=setup["warmup_s"])
+    rows = [row(label, ours, tokens / t["eager"]["s"], "tok/s", "MLX compiled step", "torch eager", **common)]
+    if "compiled" in t:
+        rows.append(row(label, ours, tokens / t["compiled"]["s"], "tok/s", "MLX compiled step", "torch.compile"))
     else:
-        rows.append(row(label, tokens / ours["s"], None, "tok/s", "MLX compiled step",
-                        f"torch.compile skipped: {compiled.get('error', 'disabled')[:80]}"))
+        why = setup.get("compile_error", "disabled by --no_torch_compile")
+        rows.append(row(label, ours, None, "tok/s", "MLX compiled step", f"torch.compile skipped: {why[:80]}"))
+    best_ref = "compiled" if "compiled" in t else "eager"
+    rows.append(row(f"{kind} train {size['dim']}d % of own GEMM peak", 100 * flops / t["mlx"]["s"] / 1e9 / peaks["mlx"],
+                    100 * flops / t[best_ref]["s"] / 1e9 / peaks["torch"], "%", "MLX compiled step",
+                    f"torch {best_ref}"))
     if profile:
-        rows[0]["profile"] = profile_step(kind, model, loss_fn, batch, cfg)
+        rows[0]["profile"] = profile
     return rows
 
 
 def profile_step(kind: str, model, loss_fn, batch, cfg: dict) -> dict:
-    """Where the step's time goes: forward only, forward+backward, full step, and output projection + CE alone."""
+    """Where the MLX step's time goes: forward, forward+backward, uncompiled step, and (generator) encoder,
+    decoder, and the output projection with and without the copy head, each alone."""
     import mlx.core as mx
     import mlx.nn as nn
     import mlx.optimizers as optim
 
     import training as T
 
-    reps = dict(warmup=1, steps=cfg["steps"], repeats=cfg["repeats"])
+    def median(fn):
+        fn()  # warm-up (compilation)
+        return statistics.median(seconds(fn) for _ in range(cfg["repeats"]))
+
     fwd = mx.compile(lambda *b: loss_fn(model, *b)[0])
     grad = nn.value_and_grad(model, lambda m, *b: loss_fn(m, *b)[0])
-    out = {
-        "forward_eager_s": timed(lambda: mx.eval(loss_fn(model, *batch)), **reps)["s"],
-        "forward_compiled_s": timed(lambda: mx.eval(fwd(*batch)), **reps)["s"],
-        "forward_backward_eager_s": timed(lambda: mx.eval(grad(model, *batch)), **reps)["s"],
-    }
     opt = optim.AdamW(learning_rate=1e-3, weight_decay=0.01)
     eager_step = T.build_step(model, opt, loss_fn, grad_clip=1.0, compile=False)
-    out["step_uncompiled_s"] = timed(lambda: mx.eval(eager_step(*batch), model.state, opt.state), **reps)["s"]
-    if kind == "generator":
-        passages, answer_in, answer_out = batch
-        out["encoder_forward_s"] = timed(lambda: mx.eval(model.encode(passages)), **reps)["s"]
-        memory = model.encode(passages)
-        mx.eval(memory)
-        mask = answer_out != 0
+    out = {
+        "forward_eager_s": median(lambda: mx.eval(loss_fn(model, *batch))),
+        "forward_compiled_s": median(lambda: mx.eval(fwd(*batch))),
+        "forward_backward_eager_s": median(lambda: mx.eval(grad(model, *batch))),
+        "step_uncompiled_s": median(lambda: mx.eval(eager_step(*batch), model.state, opt.state)),
+    }
+    if kind != "generator":
+        return out
+    passages, answer_in, answer_out = batch
+    out["encoder_forward_s"] = median(lambda: mx.eval(model.encode(passages)))
+    memory = model.encode(passages)
+    mx.eval(memory)
+    mask = answer_out != 0
 
-        def nll(logp):
-            picked = mx.take_along_axis(logp, answer_out[..., None], axis=-1).squeeze(-1)
-            return -(picked * mask).sum() / mask.sum()
+    def nll(logp):
+        picked = mx.take_along_axis(logp, answer_out[..., None], axis=-1).squeeze(-1)
+        return -(picked * mask).sum() / mask.sum()
 
-        # The decoder alone (memory fixed), forward + backward.
-        dec = nn.value_and_grad(model, lambda m: nll(m.decode(answer_in, memory)))
-        out["decoder_fwd_bwd_s"] = timed(lambda: mx.eval(dec(model)), **reps)["s"]
-        # The tied output projection + log-softmax over the vocabulary alone, forward + backward; then with the
-        # copy distribution scattered onto the vocabulary as generator.decode does.
-        h = mx.random.normal((BATCH, ANSWER_LEN, model.args.dim))
-        attn = mx.softmax(mx.random.normal((BATCH, ANSWER_LEN, memory.states.shape[1])), axis=-1)
-        w = model.embed.weight
-        B, T, S = attn.shape
-        b = mx.broadcast_to(mx.arange(B)[:, None, None], (B, T, S))
-        t = mx.broadcast_to(mx.arange(T)[None, :, None], (B, T, S))
-        v = mx.broadcast_to(memory.tokens[:, None, :], (B, T, S))
+    dec = nn.value_and_grad(model, lambda m: nll(m.decode(answer_in, memory)))
+    out["decoder_fwd_bwd_s"] = median(lambda: mx.eval(dec(model)))
+    # The tied output projection + log-softmax alone, then with a copy distribution scattered onto the vocabulary
+    # the way generator.decode does it (forward + backward, random inputs of the real shapes).
+    h = mx.random.normal((BATCH, ANSWER_LEN, model.args.dim))
+    S = passages.shape[1] * passages.shape[2]
+    attn = mx.softmax(mx.random.normal((BATCH, ANSWER_LEN, S)), axis=-1)
+    ids = mx.broadcast_to(passages.reshape(BATCH, 1, S), attn.shape)
+    b = mx.broadcast_to(mx.arange(BATCH)[:, None, None], attn.shape)
+    t = mx.broadcast_to(mx.arange(ANSWER_LEN)[None, :, None], attn.shape)
 
-        def vocab_head(h, w, attn):
-            return nll(nn.log_softmax(h @ w.T, axis=-1))
+    def vocab_head(h, w, attn):
+        return nll(nn.log_softmax(h @ w.T, axis=-1))
 
-        def copy_head(h, w, attn):
-            copy = mx.zeros((B, T, w.shape[0])).at[b, t, v].add(attn)
-            return nll(mx.log(0.5 * mx.softmax(h @ w.T, axis=-1) + 0.5 * copy + 1e-9))
+    def copy_head(h, w, attn):
+        copy = mx.zeros((BATCH, ANSWER_LEN, w.shape[0])).at[b, t, ids].add(attn)
+        return nll(mx.log(0.5 * mx.softmax(h @ w.T, axis=-1) + 0.5 * copy + 1e-9))
 
-        for name, fn in (("output_proj_logsoftmax_fwd_bwd_s", vocab_head), ("output_proj_copy_mix_fwd_bwd_s", copy_head)):
-            g = mx.value_and_grad(fn, argnums=(0, 1, 2))
-            out[name] = timed(lambda: mx.eval(g(h, w, attn)), **reps)["s"]
+    for name, fn in (("output_proj_logsoftmax_fwd_bwd_s", vocab_head), ("output_proj_copy_fwd_bwd_s", copy_head)):
+        g = mx.value_and_grad(fn, argnums=(0, 1, 2))
+        out[name] = median(lambda: mx.eval(g(h, model.embed.weight, attn)))
     return out
 
 
-def fig_search(n: int, cfg: dict, workdir: Path) -> dict:
+def fig_search(worker: Worker, n: int, cfg: dict, workdir: Path) -> dict:
     """Figure 2: exact top-20 inner-product search, index.search vs faiss IndexFlatIP; same ids up to ties."""
     import mlx.core as mx
     import numpy as np
@@ -276,23 +327,26 @@ def fig_search(n: int, cfg: dict, workdir: Path) -> dict:
     mx.save_safetensors(str(path), {"index": mx.array(emb), "queries": mx.array(queries)})
     q, e = mx.array(queries), mx.array(emb)
     mx.eval(q, e)
-    result = {}
+    got = {}
 
     def run():
-        result["ids"] = index.search(q, e, 20)[1]
+        got["ids"] = index.search(q, e, 20)[1]
 
-    ours = timed(run, 1, 1, cfg["repeats"])
-    ref = call_worker("search", {"data": str(path), "k": 20, "repeats": cfg["repeats"]})
-    theirs = mx.load(ref["ids_file"])["ids"]
-    # Equal up to ties: the exact (float64) scores of both top-20 lists must agree position by position.
-    exact = lambda ids: np.sort(np.einsum("qd,qkd->qk", queries.astype(np.float64), emb[ids].astype(np.float64)))  # noqa: E731
-    ids_ours, ids_faiss = result["ids"], np.array(theirs).astype(np.int64)
-    same_sets = np.mean([set(a) == set(b) for a, b in zip(ids_ours, ids_faiss)])
-    if not np.allclose(exact(ids_ours), exact(ids_faiss), atol=1e-5):
-        raise AssertionError(f"search at {n:,}: MLX and faiss top-20 differ beyond ties")
-    return row(f"top-20 search {n // 1000}k x 64d q/s", 1000 / ours["s"], 1000 / ref["s"], "q/s",
-               "index.search (MLX)", "faiss IndexFlatIP", rows_with_identical_id_sets=float(same_sets),
-               mlx_timing=ours, faiss_timing={"s": ref["s"], "samples": ref["samples"]})
+    run()
+    ids_file = str(workdir / "faiss_ids.safetensors")
+    worker("setup_search", data=str(path), k=20, ids_file=ids_file)
+    t = interleaved({"mlx": lambda: seconds(run), "faiss": lambda: worker("time", name="search")["s"]},
+                    cfg["repeats"])
+    worker("reset")
+    ids_faiss = np.array(mx.load(ids_file)["ids"]).astype(np.int64)
+    # Equal up to ties: the exact (float64) scores of both top-20 lists must agree rank by rank.
+    q64, e64 = queries.astype(np.float64), emb.astype(np.float64)
+    exact = lambda ids: np.sort(np.einsum("qd,qkd->qk", q64, e64[ids]), axis=1)  # noqa: E731
+    if not np.allclose(exact(got["ids"]), exact(ids_faiss), atol=1e-5):
+        raise AssertionError(f"search over {n:,}: MLX and faiss top-20 differ beyond ties")
+    same = float(np.mean([set(a) == set(b) for a, b in zip(got["ids"], ids_faiss)]))
+    return row(f"top-20 search {n // 1000}k x 64d, 1000 queries, q/s", 1000 / t["mlx"]["s"], 1000 / t["faiss"]["s"],
+               "q/s", "index.search", "faiss IndexFlatIP", rows_with_identical_id_sets=same, timings=t)
 
 
 def fig_decode(cfg: dict) -> list[dict]:
@@ -300,53 +354,50 @@ def fig_decode(cfg: dict) -> list[dict]:
     import mlx.core as mx
 
     model, _ = mlx_model("generator", SIZES["small"])
-    mx.eval(model.parameters())
     passages_np = make_batches("generator")["passages"]
     rows = []
     for batch_size in (1, BATCH):
         passages = mx.array(passages_np[:batch_size])
+        got = {}
+        cached = lambda n: got.__setitem__("cached", mx.stack(list(model.generate(passages, max_tokens=n)), axis=1))  # noqa: E731
+        recompute = lambda n: got.__setitem__("recompute", model.generate_recompute(passages, n))  # noqa: E731
+        cached(2)  # warm-up
+        recompute(2)
+        encode = interleaved({"encode": lambda: seconds(lambda: mx.eval(model.encode(passages)))}, cfg["repeats"])
         for length in (16, 64):
-            got = {}
-
-            def cached():
-                got["cached"] = mx.stack(list(model.generate(passages, max_tokens=length)), axis=1)
-
-            def recompute():
-                got["recompute"] = model.generate_recompute(passages, length)
-
-            ours = timed(cached, 1, 1, cfg["repeats"])
-            ref = timed(recompute, 1, 1, cfg["repeats"])
-            match = (mx.array(got["recompute"]) == got["cached"]).astype(mx.float32).mean().item()
+            t = interleaved({"cached": lambda: seconds(lambda: cached(length)),
+                             "recompute": lambda: seconds(lambda: recompute(length))}, cfg["repeats"])
+            agree = (mx.array(got["recompute"]) == got["cached"]).astype(mx.float32).mean().item()
             n = batch_size * length
-            rows.append(row(f"decode B={batch_size} len={length} tok/s", n / ours["s"], n / ref["s"], "tok/s",
-                            "generate (KV cache)", "generate_recompute", token_agreement=match,
-                            cached_timing=ours, recompute_timing=ref))
+            decode_only = n / max(t["cached"]["s"] - encode["encode"]["s"], 1e-9)
+            rows.append(row(f"decode dim 256, B={batch_size}, {length} tokens, tok/s", n / t["cached"]["s"],
+                            n / t["recompute"]["s"], "tok/s", "generate (KV cache)", "generate_recompute",
+                            token_agreement=agree, encode_s=encode["encode"]["s"],
+                            cached_tok_s_without_encode=decode_only, timings=t))
     return rows
 
 
-def fig_embed(cfg: dict, workdir: Path) -> dict:
+def fig_embed(worker: Worker, cfg: dict, workdir: Path) -> dict:
     """Figure 4: chunk-embedding throughput of index.embed (retriever dim 256) vs the same model in torch."""
     import mlx.core as mx
-    from mlx.utils import tree_flatten
 
     import index
 
     model, _ = mlx_model("retriever", SIZES["small"])
-    mx.eval(model.parameters())
     n = cfg["embed_chunks"]
-    chunks = make_batches("retriever")["chunks"]
-    chunks = chunks[[i % len(chunks) for i in range(n)]]
-    ours = timed(lambda: mx.eval(index.embed(model, chunks)), 1, 1, cfg["repeats"])
-    weights = workdir / "embed.safetensors"
-    mx.save_safetensors(str(weights), dict(tree_flatten(model.parameters())))
-    ref = call_worker("embed", {"weights": str(weights), "size": SIZES["small"], "chunks": n,
-                                "repeats": cfg["repeats"]})
-    return row(f"embed chunks (256d, {CONTEXT} tok) chunks/s", n / ours["s"], n / ref["s"], "chunks/s",
-               "index.embed (MLX)", "torch eager, inference_mode", mlx_timing=ours, torch_timing=ref)
+    chunks = embed_chunks(n)
+    mx.eval(index.embed(model, chunks[:256]))
+    worker("setup_embed", weights=save_weights(model, workdir / "w.safetensors"), size=SIZES["small"], chunks=n)
+    t = interleaved({"mlx": lambda: seconds(lambda: mx.eval(index.embed(model, chunks))),
+                     "torch": lambda: worker("time", name="embed")["s"]}, cfg["repeats"])
+    worker("reset")
+    return row(f"embed {n} chunks of {CONTEXT} tokens, dim 256, chunks/s", n / t["mlx"]["s"], n / t["torch"]["s"],
+               "chunks/s", "index.embed", "torch eager, inference_mode", timings=t)
 
 
 def fig_main(workdir: Path) -> list[dict]:
-    """Figure 5: wall time and peak RSS of `main.py --target dataset`, `retriever`, `all`, run one after another."""
+    """Figure 5: wall time and peak RSS of `main.py --target dataset`, `retriever`, `all`, run one after another
+    in one --save_dir (each reuses what the previous one built), with default flags."""
     save_dir = workdir / "main_run"
     rows = []
     for target in ("dataset", "retriever", "all"):
@@ -355,70 +406,92 @@ def fig_main(workdir: Path) -> list[dict]:
         tic = time.perf_counter()
         with open(log, "w") as f:
             proc = subprocess.Popen(cmd, stdout=f, stderr=subprocess.STDOUT, env=worker_env(), cwd=ROOT)
-            _, status, usage = os.wait4(proc.pid, 0)  # this child's own rusage, not all children's
+            _, status, usage = os.wait4(proc.pid, 0)  # this child's own peak RSS, not every child's
             proc.returncode = os.waitstatus_to_exitcode(status)
         wall = time.perf_counter() - tic
+        text = log.read_text()
         if proc.returncode != 0:
-            tail = log.read_text()[-1500:]
-            raise RuntimeError(f"main.py --target {target} exited {proc.returncode}:\n{tail}")
-        rows.append(row(f"main.py --target {target} wall s", wall, None, "s", "main.py", "-",
-                        peak_rss_mib=usage.ru_maxrss / 1024, log_tail=log.read_text()[-3000:]))
+            raise RuntimeError(f"main.py --target {target} exited {proc.returncode}:\n{text[-1500:]}")
+        rows.append(row(f"main.py --target {target} (after the previous), wall s", wall, None, "s", "main.py", "-",
+                        peak_rss_mib=usage.ru_maxrss / 1024, log_tail=text[-4000:]))
     return rows
 
 
 # ----------------------------------------------------------------------------------------------- worker side
 
 
-def worker(task: str, spec: dict) -> dict:
-    """Reference measurements in PyTorch / faiss; runs in its own process."""
+def worker_loop() -> None:
+    """The reference side: read JSON commands on stdin, answer one JSON line each on the real stdout."""
+    out = sys.stdout
+    sys.stdout = sys.stderr  # library chatter must not corrupt the replies
+    state: dict = {}
+    for line in sys.stdin:
+        cmd = json.loads(line)
+        try:
+            reply = worker_task(cmd.pop("task"), cmd, state)
+        except Exception as e:  # report to the parent, which raises with the message
+            reply = {"error": f"{type(e).__name__}: {e}"}
+        out.write(json.dumps(reply, default=float) + "\n")
+        out.flush()
+
+
+def worker_task(task: str, spec: dict, state: dict) -> dict:
+    """Set up a reference measurement (registering callables in `state`) or time one of them."""
     import numpy as np
     from safetensors.numpy import load_file, save_file
 
-    if task == "gemm":
+    if task == "time":
+        return {"s": seconds(state[spec["name"]], spec.get("steps", 1))}
+    if task == "reset":
+        state.clear()
+        return {}
+    if task == "info":
+        import faiss
         import torch
 
-        a, b = torch.randn(2048, 2048), torch.randn(2048, 2048)
-        s = timed(lambda: a @ b, 1, 1, spec["repeats"])["s"]
-        return {"gflops": 2 * 2048**3 / s / 1e9, "torch": torch.__version__,
-                "torch_blas": torch.__config__.show().split("\n")[3:6], "threads": torch.get_num_threads()}
-    if task == "search":
+        return {"torch": torch.__version__, "faiss": faiss.__version__, "threads": torch.get_num_threads(),
+                "torch_blas": [s.strip() for s in torch.__config__.show().splitlines() if "Math Kernel" in s
+                               or "OpenBLAS" in s or "MKL-DNN" in s]}
+    if task == "setup_gemm":
+        import torch
+
+        a, b = torch.randn(spec["n"], spec["n"]), torch.randn(spec["n"], spec["n"])
+        state["gemm"] = lambda: a @ b
+        state["gemm"]()
+        return {}
+    if task == "setup_search":
         import faiss
 
         data = load_file(spec["data"])
         flat = faiss.IndexFlatIP(data["index"].shape[1])
         flat.add(data["index"])
-        out = {}
-
-        def run():
-            out["ids"] = flat.search(data["queries"], spec["k"])[1]
-
-        t = timed(run, 1, 1, spec["repeats"])
-        ids_file = str(Path(spec["data"]).with_suffix(".faiss.safetensors"))
-        save_file({"ids": out["ids"].astype(np.int64)}, ids_file)
-        return {**t, "ids_file": ids_file, "faiss": faiss.__version__}
+        state["search"] = lambda: flat.search(data["queries"], spec["k"])
+        save_file({"ids": state["search"]()[1].astype(np.int64)}, spec["ids_file"])
+        return {}
 
     import torch
 
     import torch_models as TM
 
-    size = spec["size"]
-    if task == "embed":
+    size, flat = spec["size"], load_file(spec["weights"])
+    if task == "setup_embed":
         model = TM.Retriever(VOCAB, **size)
-        TM.load_flat(model, load_file(spec["weights"]))
-        chunks = make_batches("retriever")["chunks"]
-        chunks = torch.from_numpy(chunks[[i % len(chunks) for i in range(spec["chunks"])]]).long()
+        TM.load_flat(model, flat)
+        chunks = torch.from_numpy(embed_chunks(spec["chunks"])).long()
 
         def embed():
             with torch.inference_mode():
                 return [model(chunks[i : i + 256]) for i in range(0, len(chunks), 256)]
 
-        return timed(embed, 1, 1, spec["repeats"])
+        state["embed"] = embed
+        embed()
+        return {}
 
-    assert task == "train", task
+    assert task == "setup_train", task
     arrays = load_file(spec["batch"])
     batch = [torch.from_numpy(arrays[k]) for k in spec["batch_keys"]]
     batch = [b if b.dtype == torch.bool else b.long() for b in batch]
-    flat = load_file(spec["weights"])
+    loss_fn = TM.contrastive_loss if spec["kind"] == "retriever" else TM.seq2seq_loss
 
     def fresh():
         if spec["kind"] == "retriever":
@@ -431,32 +504,32 @@ def worker(task: str, spec: dict) -> dict:
             raise AssertionError(f"torch has {TM.count_parameters(m):,} parameters, MLX {spec['params']:,}")
         return m
 
-    loss_fn = TM.contrastive_loss if spec["kind"] == "retriever" else TM.seq2seq_loss
-    model = fresh()
-    result = {"initial_loss": float(loss_fn(model, *batch)[0])}
-
-    def step_fn(m, loss):
+    def make_step(m, loss):
         opt = torch.optim.AdamW(m.parameters(), lr=1e-3, weight_decay=0.01)
 
         def step():
             opt.zero_grad(set_to_none=True)
-            value, _ = loss(*batch)
-            value.backward()
+            loss(*batch)[0].backward()
             torch.nn.utils.clip_grad_norm_(m.parameters(), 1.0)
             opt.step()
 
         return step
 
-    reps = {k: spec[k] for k in ("warmup", "steps", "repeats")}
-    result["eager"] = timed(step_fn(model, lambda *b: loss_fn(model, *b)), **reps)
+    eager = fresh()
+    with torch.no_grad():
+        reply = {"initial_loss": loss_fn(eager, *batch)[0].item(), "ready": ["eager"], "warmup_s": {}}
+    state["eager"] = make_step(eager, lambda *b: loss_fn(eager, *b))
+    reply["warmup_s"]["eager"] = seconds(state["eager"], spec["warmup"])
     if spec["compile"]:
-        model = fresh()
+        compiled = fresh()
         try:
-            compiled = torch.compile(lambda *b: loss_fn(model, *b))
-            result["compiled"] = timed(step_fn(model, compiled), **{**reps, "warmup": max(reps["warmup"], 2)})
+            state["compiled"] = make_step(compiled, torch.compile(lambda *b: loss_fn(compiled, *b)))
+            reply["warmup_s"]["compiled"] = seconds(state["compiled"], max(spec["warmup"], 2))
+            reply["ready"].append("compiled")
         except Exception as e:  # inductor needs a working C++ toolchain; report why it was skipped
-            result["compiled"] = {"error": f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"}
-    return result
+            state.pop("compiled", None)
+            reply["compile_error"] = f"{type(e).__name__}: {(str(e).splitlines() or [''])[0]}"
+    return reply
 
 
 # ----------------------------------------------------------------------------------------------- report
@@ -465,118 +538,124 @@ def worker(task: str, spec: dict) -> dict:
 def fmt(v) -> str:
     if v is None:
         return "-"
-    return f"{v:,.0f}" if abs(v) >= 100 else f"{v:,.2f}"
+    return f"{v:,.0f}" if abs(v) >= 100 else f"{v:,.1f}" if abs(v) >= 10 else f"{v:,.2f}"
 
 
-def table(rows: list[dict]) -> str:
-    lines = ["| figure | ours (MLX) | reference | ratio |", "|---|---|---|---|"]
+def table(rows: list[dict], header: bool = True) -> str:
+    lines = ["| figure | ours (MLX) | reference | ratio |", "|---|---|---|---|"] if header else []
     for r in rows:
         ratio = f"{r['ratio']:.2f}x" if r["ratio"] is not None else "-"
-        ref = f"{fmt(r['reference'])} ({r['reference_name']})" if r["reference"] is not None else (
-            "-" if r["reference_name"] == "-" else r["reference_name"])
-        lines.append(f"| {r['figure']} | {fmt(r['ours'])} ({r['ours_name']}) | {ref} | {ratio} |")
+        ref = r["reference_name"] if r["reference"] is None else f"{fmt(r['reference'])} ({r['reference_name']})"
+        ours = f"{fmt(r['ours'])} ({r['ours_name']})"
+        if "peak_rss_mib" in r:
+            ours += f", peak RSS {r['peak_rss_mib']:,.0f} MiB"
+        lines.append(f"| {r['figure']} | {ours} | {ref} | {ratio} |")
     return "\n".join(lines)
 
 
 def machine() -> dict:
-    model = platform.processor()
+    cpu = platform.processor()
     try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                model = line.split(":", 1)[1].strip()
-                break
-    except OSError:
+        cpu = next(line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
+                   if line.startswith("model name"))
+    except (OSError, StopIteration):
         pass
-    return {"system": platform.system(), "machine": platform.machine(), "cpu": model, "cores": os.cpu_count(),
+    return {"system": platform.system(), "machine": platform.machine(), "cpu": cpu, "cores": os.cpu_count(),
+            "memory_gib": round(os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**30, 1),
             "python": platform.python_version()}
 
 
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description="Benchmark our MLX models, search and pipeline against references.")
-    p.add_argument("--quick", action="store_true", help="dim 256 only, no 1M search, fewer repeats")
-    p.add_argument("--skip_main", action="store_true", help="skip timing `main.py --target all` (minutes)")
-    p.add_argument("--profile", action="store_true", help="also break the MLX training step down (forward, backward...)")
+    p.add_argument("--quick", action="store_true", help="dim 256 only, no 1M search, fewer chunks to embed")
+    p.add_argument("--skip_main", action="store_true", help="skip timing `main.py --target all` (many minutes)")
+    p.add_argument("--profile", action="store_true", help="also break the dim-256 MLX training steps down")
     p.add_argument("--no_torch_compile", action="store_true", help="skip the torch.compile reference")
-    p.add_argument("--only", default=None, help="comma list of figures to run: train,search,decode,embed,main")
+    p.add_argument("--repeats", type=int, default=3, help="timed samples per measurement (the median is kept)")
+    p.add_argument("--only", default="train,search,decode,embed,main",
+                   help="comma-separated figures to run: train,search,decode,embed,main")
     p.add_argument("--out", default=str(ROOT / "bench" / "results.json"), help="where to write the JSON results")
     return p
 
 
 def main(argv: list[str], blas_line: str) -> int:
     args = build_parser().parse_args(argv)
+    figures = set(args.only.split(","))
+    unknown = figures - {"train", "search", "decode", "embed", "main"}
+    if unknown or args.repeats <= 0:
+        print(f"error: --only: unknown figure(s) {sorted(unknown)}" if unknown else "error: --repeats must be > 0",
+              file=sys.stderr)
+        return 2
+    if args.skip_main:
+        figures.discard("main")
     import mlx.core as mx
     import numpy as np
 
     import fastpath
 
     mx.set_default_device(mx.cpu)
-    figures = set((args.only or "train,search,decode,embed,main").split(","))
-    if args.skip_main:
-        figures.discard("main")
-    cfg = {"warmup": 1, "steps": 1 if args.quick else 2, "repeats": 3, "no_torch_compile": args.no_torch_compile,
-           "embed_chunks": 2048}
+    cfg = {"warmup": 1, "steps": 1, "repeats": args.repeats, "no_torch_compile": args.no_torch_compile,
+           "embed_chunks": 512 if args.quick else 2048, "profile": args.profile}
     load_start, started = os.getloadavg(), time.perf_counter()
     rows: list[dict] = []
     with tempfile.TemporaryDirectory(prefix="ragmlx-bench-") as tmp:
         workdir = Path(tmp)
-        torch_info = call_worker("gemm", {"repeats": 5})
-        peaks = {"mlx": mlx_gemm_gflops(), "torch": torch_info["gflops"]}
-        rows.append(row("fp32 GEMM 2048^3 GFLOP/s", peaks["mlx"], peaks["torch"], "GFLOP/s", "MLX", "torch"))
-        print(table(rows[-1:]), flush=True)
-        sizes = ["small"] if args.quick else ["small", "large"]
-        steps = []
-        if "train" in figures:
-            for size in sizes:
-                for kind in ("retriever", "generator"):
-                    large = size == "large"
-                    run_cfg = {**cfg, "steps": 1, "repeats": 2} if large else cfg
-                    steps.append(lambda k=kind, s=size, c=run_cfg: fig_train(k, s, c, peaks, workdir, args.profile and s == "small"))
-        if "search" in figures:
-            for n in [100_000] if args.quick else [100_000, 1_000_000]:
-                steps.append(lambda n=n: [fig_search(n, cfg, workdir)])
-        if "decode" in figures:
-            steps.append(lambda: fig_decode(cfg))
-        if "embed" in figures:
-            steps.append(lambda: [fig_embed(cfg, workdir)])
-        if "main" in figures:
-            steps.append(lambda: fig_main(workdir))
-        for fn in steps:
-            new = fn()
-            rows.extend(new)
-            print("\n".join(table(new).splitlines()[2:]), flush=True)
-    versions = {"mlx": mx.__version__, "numpy": np.__version__, "torch": torch_info["torch"]}
-    try:
-        import faiss  # only for its version string; the search itself runs in a worker
-
-        versions["faiss"] = faiss.__version__
-    except ImportError:
-        pass
+        worker = Worker(workdir / "worker.log")
+        try:
+            info = worker("info")
+            peaks, gemm = fig_gemm(worker, max(args.repeats, 5))
+            rows.append(gemm)
+            print(table(rows), flush=True)
+            steps: list[Callable[[], list[dict]]] = []
+            if "train" in figures:
+                for size in ["small"] if args.quick else ["small", "large"]:
+                    for kind in ("retriever", "generator"):
+                        steps.append(lambda k=kind, s=size: fig_train(worker, k, s, cfg, peaks, workdir))
+            if "search" in figures:
+                for n in [100_000] if args.quick else [100_000, 1_000_000]:
+                    steps.append(lambda n=n: [fig_search(worker, n, cfg, workdir)])
+            if "decode" in figures:
+                steps.append(lambda: fig_decode(cfg))
+            if "embed" in figures:
+                steps.append(lambda: [fig_embed(worker, cfg, workdir)])
+            if "main" in figures:
+                steps.append(lambda: fig_main(workdir))
+            for fn in steps:
+                new = fn()
+                rows.extend(new)
+                print(table(new, header=False), flush=True)
+        finally:
+            worker.close()
     results = {
         "command": " ".join(["python", "bench/run.py", *argv]),
         "date": datetime.datetime.now().astimezone().isoformat(timespec="seconds"),
         "machine": machine(),
-        "versions": versions,
+        "versions": {"mlx": mx.__version__, "numpy": np.__version__, "torch": info["torch"], "faiss": info["faiss"]},
         "blas": fastpath.blas_in_use(),
         "startup": blas_line,
-        "torch_blas": torch_info["torch_blas"],
-        "torch_threads": torch_info["threads"],
+        "torch_blas": info["torch_blas"],
+        "torch_threads": info["threads"],
         "load_average": {"start": load_start, "end": os.getloadavg()},
         "wall_s": time.perf_counter() - started,
+        "protocol": {"warmup_steps": cfg["warmup"], "steps_per_sample": cfg["steps"], "samples": cfg["repeats"],
+                     "statistic": "median of interleaved samples (GEMM: best)"},
         "shapes": {"vocab": VOCAB, "context": CONTEXT, "batch": BATCH, "question": QLEN, "passages": K_PASSAGES,
                    "answer": ANSWER_LEN, "sizes": SIZES},
         "rows": rows,
     }
     Path(args.out).write_text(json.dumps(results, indent=1, default=float) + "\n")
-    print(f"\n{results['date']}  {results['machine']['cpu']} x{results['machine']['cores']}  {results['blas']}")
+    m = results["machine"]
+    print(f"\n{results['date']}  {m['cpu']}, {m['cores']} cores  MLX BLAS: {results['blas']}  "
+          f"load {load_start[0]:.1f} -> {os.getloadavg()[0]:.1f}")
     print(table(rows))
     print(f"wrote {args.out} ({results['wall_s']:.0f}s)")
     return 0
 
 
 if __name__ == "__main__":
-    if sys.argv[1:2] == ["--worker"]:
+    if sys.argv[1:] == ["--worker"]:
         sys.path.insert(0, str(Path(__file__).resolve().parent))
-        print(json.dumps(worker(sys.argv[2], json.loads(sys.argv[3])), default=float))
+        worker_loop()
         sys.exit(0)
     import fastpath
 
