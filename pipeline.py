@@ -102,7 +102,7 @@ def get_retriever(args, data, train: bool):
     else:
         model, found = T.load_or_init(directory, "retriever", retriever.Retriever, retriever.ModelArgs,
                                       {"vocab_size": data.vocab_size}, {}, data.tokenizer_sha1,
-                                      args.retriever_identifier, False)
+                                      args.retriever_identifier, False, verb="using")
         if found is None:
             raise T.UsageError(f"no retriever checkpoint in {directory}: train one with --target retriever")
         rid = found.id
@@ -151,7 +151,8 @@ def get_generator(args, data, retrieved, rid, train: bool):
         )
         return model, gid
     model, found = T.load_or_init(directory, "generator", generator.Generator, generator.ModelArgs,
-                                  {"vocab_size": data.vocab_size}, {}, data.tokenizer_sha1, args.identifier, False)
+                                  {"vocab_size": data.vocab_size}, {}, data.tokenizer_sha1, args.identifier, False,
+                                  verb="using")
     if found is None:
         raise T.UsageError(f"no generator checkpoint in {directory}: train one with --target all")
     return model, found.id

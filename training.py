@@ -197,6 +197,7 @@ def fit(
         for step, batch in prefetch(local_batch, start_step, cfg.num_iters):
             if step == start_step and start_step == 0:
                 metrics = evaluate(step)
+                tic = time.perf_counter()  # the report measures training, not evaluation
             loss, (aux, ntok) = step_fn(*(mx.array(b) for b in batch))
             mx.eval(loss, aux, ntok, model.state, optimizer.state)
             losses.append(loss)
@@ -255,6 +256,7 @@ def load_or_init(
     identifier: str | None = None,
     new_model: bool = False,
     log: Callable[[str], None] = print,
+    verb: str = "resuming from",
 ):
     """The model to train or use: from the newest valid checkpoint (or `identifier`), else freshly initialised.
 
@@ -296,7 +298,7 @@ def load_or_init(
     except ValueError as e:
         raise UsageError(f"{found.path.name}: weights do not match its config ({e})") from None
     mx.eval(model.parameters())
-    log(f"{ckpt_type}: resuming from {found.id[:12]} at step {found.metadata.get('step', 0)}")
+    log(f"{ckpt_type}: {verb} {found.id[:12]} (step {found.metadata.get('step', 0)})")
     return model, found
 
 

@@ -104,7 +104,7 @@ def test_second_retriever_run_resumes(tiny_run, tmp_path):
     run = copy_of(tiny_run, tmp_path)
     last = checkpoints(run, "retriever")[-1]
     out = ok(main_py(run, "--target", "retriever", "--retriever_iters", "30"))
-    assert f"resuming from {last['id'][:12]} at step 20" in out
+    assert f"resuming from {last['id'][:12]} (step 20)" in out
     assert "step     30/30" in out
     assert "eval       0" not in out, "a resumed run does not start over at step 0"
     newest = checkpoints(run, "retriever")[-1]
@@ -174,7 +174,7 @@ def test_corrupt_newest_checkpoint_is_reported_and_the_previous_used(tiny_run, t
     out = ok(main_py(run, "--target", "retriever", "--inference", stdin="quit\n"))
     warning = [line for line in out.splitlines() if weights.name in line]
     assert warning and "corrupt" in warning[0], out
-    assert f"resuming from {older['id'][:12]} at step 10" in out
+    assert f"resuming from {older['id'][:12]} (step 10)" in out
     assert (run / "checkpoints" / f"{older['id']}.embedding.safetensors").is_file()
 
 
