@@ -21,8 +21,9 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Callable
+from functools import partial
 from pathlib import Path
-from typing import Callable
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
@@ -307,7 +308,7 @@ def profile_step(kind: str, model, loss_fn, batch, cfg: dict) -> dict:
 
     for name, fn in (("output_proj_logsoftmax_fwd_bwd_s", vocab_head), ("output_proj_copy_fwd_bwd_s", copy_head)):
         g = mx.value_and_grad(fn, argnums=(0, 1, 2))
-        out[name] = median(lambda: mx.eval(g(h, model.embed.weight, attn)))
+        out[name] = median(lambda g=g: mx.eval(g(h, model.embed.weight, attn)))
     return out
 
 
@@ -341,10 +342,13 @@ def fig_search(worker: Worker, n: int, cfg: dict, workdir: Path) -> dict:
     ids_faiss = np.array(mx.load(ids_file)["ids"]).astype(np.int64)
     # Equal up to ties: the exact (float64) scores of both top-20 lists must agree rank by rank.
     q64, e64 = queries.astype(np.float64), emb.astype(np.float64)
-    exact = lambda ids: np.sort(np.einsum("qd,qkd->qk", q64, e64[ids]), axis=1)  # noqa: E731
+
+    def exact(ids):
+        return np.sort(np.einsum("qd,qkd->qk", q64, e64[ids]), axis=1)
+
     if not np.allclose(exact(got["ids"]), exact(ids_faiss), atol=1e-5):
         raise AssertionError(f"search over {n:,}: MLX and faiss top-20 differ beyond ties")
-    same = float(np.mean([set(a) == set(b) for a, b in zip(got["ids"], ids_faiss)]))
+    same = float(np.mean([set(a) == set(b) for a, b in zip(got["ids"], ids_faiss, strict=True)]))
     return row(f"top-20 search {n // 1000}k x 64d, 1000 queries, q/s", 1000 / t["mlx"]["s"], 1000 / t["faiss"]["s"],
                "q/s", "index.search", "faiss IndexFlatIP", rows_with_identical_id_sets=same, timings=t)
 
@@ -358,22 +362,26 @@ def fig_decode(cfg: dict) -> list[dict]:
     rows = []
     for batch_size in (1, BATCH):
         passages = mx.array(passages_np[:batch_size])
-        got = {}
-        cached = lambda n: got.__setitem__("cached", mx.stack(list(model.generate(passages, max_tokens=n)), axis=1))  # noqa: E731
-        recompute = lambda n: got.__setitem__("recompute", model.generate_recompute(passages, n))  # noqa: E731
+        got: dict = {}
+
+        def cached(n: int, p=passages, got=got) -> None:
+            got["cached"] = mx.stack(list(model.generate(p, max_tokens=n)), axis=1)
+
+        def recompute(n: int, p=passages, got=got) -> None:
+            got["recompute"] = model.generate_recompute(p, n)
+
         cached(2)  # warm-up
         recompute(2)
-        encode = interleaved({"encode": lambda: seconds(lambda: mx.eval(model.encode(passages)))}, cfg["repeats"])
+        encode = statistics.median(seconds(lambda p=passages: mx.eval(model.encode(p))) for _ in range(cfg["repeats"]))
         for length in (16, 64):
-            t = interleaved({"cached": lambda: seconds(lambda: cached(length)),
-                             "recompute": lambda: seconds(lambda: recompute(length))}, cfg["repeats"])
+            t = interleaved({"cached": partial(seconds, partial(cached, length)),
+                             "recompute": partial(seconds, partial(recompute, length))}, cfg["repeats"])
             agree = (mx.array(got["recompute"]) == got["cached"]).astype(mx.float32).mean().item()
             n = batch_size * length
-            decode_only = n / max(t["cached"]["s"] - encode["encode"]["s"], 1e-9)
             rows.append(row(f"decode dim 256, B={batch_size}, {length} tokens, tok/s", n / t["cached"]["s"],
                             n / t["recompute"]["s"], "tok/s", "generate (KV cache)", "generate_recompute",
-                            token_agreement=agree, encode_s=encode["encode"]["s"],
-                            cached_tok_s_without_encode=decode_only, timings=t))
+                            token_agreement=agree, encode_s=encode,
+                            cached_tok_s_without_encode=n / max(t["cached"]["s"] - encode, 1e-9), timings=t))
     return rows
 
 
@@ -470,7 +478,6 @@ def worker_task(task: str, spec: dict, state: dict) -> dict:
         return {}
 
     import torch
-
     import torch_models as TM
 
     size, flat = spec["size"], load_file(spec["weights"])
@@ -567,7 +574,10 @@ def machine() -> dict:
 
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description="Benchmark our MLX models, search and pipeline against references.")
-    p.add_argument("--quick", action="store_true", help="dim 256 only, no 1M search, fewer chunks to embed")
+    p.add_argument("--quick", action="store_true",
+                   help="same as --sizes small, and 512 chunks to embed instead of 2048")
+    p.add_argument("--sizes", default="small,large",
+                   help="small: dim 256 models and 100k search; large: dim 1024 models and 1M search")
     p.add_argument("--skip_main", action="store_true", help="skip timing `main.py --target all` (many minutes)")
     p.add_argument("--profile", action="store_true", help="also break the dim-256 MLX training steps down")
     p.add_argument("--no_torch_compile", action="store_true", help="skip the torch.compile reference")
@@ -581,10 +591,13 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str], blas_line: str) -> int:
     args = build_parser().parse_args(argv)
     figures = set(args.only.split(","))
+    sizes = ["small"] if args.quick else args.sizes.split(",")
     unknown = figures - {"train", "search", "decode", "embed", "main"}
-    if unknown or args.repeats <= 0:
-        print(f"error: --only: unknown figure(s) {sorted(unknown)}" if unknown else "error: --repeats must be > 0",
-              file=sys.stderr)
+    problem = (f"--only: unknown figure(s) {sorted(unknown)}" if unknown else
+               f"--sizes: expected small and/or large, got {args.sizes!r}" if not set(sizes) <= set(SIZES) else
+               "--repeats must be positive" if args.repeats <= 0 else None)
+    if problem:
+        print(f"error: {problem}", file=sys.stderr)
         return 2
     if args.skip_main:
         figures.discard("main")
@@ -608,11 +621,11 @@ def main(argv: list[str], blas_line: str) -> int:
             print(table(rows), flush=True)
             steps: list[Callable[[], list[dict]]] = []
             if "train" in figures:
-                for size in ["small"] if args.quick else ["small", "large"]:
+                for size in sizes:
                     for kind in ("retriever", "generator"):
                         steps.append(lambda k=kind, s=size: fig_train(worker, k, s, cfg, peaks, workdir))
             if "search" in figures:
-                for n in [100_000] if args.quick else [100_000, 1_000_000]:
+                for n in [{"small": 100_000, "large": 1_000_000}[size] for size in sizes]:
                     steps.append(lambda n=n: [fig_search(worker, n, cfg, workdir)])
             if "decode" in figures:
                 steps.append(lambda: fig_decode(cfg))
