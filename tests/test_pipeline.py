@@ -174,7 +174,7 @@ def test_corrupt_newest_checkpoint_is_reported_and_the_previous_used(tiny_run, t
     out = ok(main_py(run, "--target", "retriever", "--inference", stdin="quit\n"))
     warning = [line for line in out.splitlines() if weights.name in line]
     assert warning and "corrupt" in warning[0], out
-    assert f"resuming from {older['id'][:12]} (step 10)" in out
+    assert f"using {older['id'][:12]} (step 10)" in out
     assert (run / "checkpoints" / f"{older['id']}.embedding.safetensors").is_file()
 
 
