@@ -16,6 +16,7 @@ import datetime
 import json
 import os
 import platform
+import shlex
 import statistics
 import subprocess
 import sys
@@ -403,14 +404,14 @@ def fig_embed(worker: Worker, cfg: dict, workdir: Path) -> dict:
                "chunks/s", "index.embed", "torch eager, inference_mode", timings=t)
 
 
-def fig_main(workdir: Path) -> list[dict]:
+def fig_main(workdir: Path, extra: list[str]) -> list[dict]:
     """Figure 5: wall time and peak RSS of `main.py --target dataset`, `retriever`, `all`, run one after another
-    in one --save_dir (each reuses what the previous one built), with default flags."""
+    in one --save_dir (each reuses what the previous one built), with default flags plus `extra`."""
     save_dir = workdir / "main_run"
     rows = []
     for target in ("dataset", "retriever", "all"):
         log = workdir / f"main_{target}.log"
-        cmd = [sys.executable, str(ROOT / "main.py"), "--target", target, "--save_dir", str(save_dir)]
+        cmd = [sys.executable, str(ROOT / "main.py"), "--target", target, "--save_dir", str(save_dir), *extra]
         tic = time.perf_counter()
         with open(log, "w") as f:
             proc = subprocess.Popen(cmd, stdout=f, stderr=subprocess.STDOUT, env=worker_env(), cwd=ROOT)
@@ -421,7 +422,8 @@ def fig_main(workdir: Path) -> list[dict]:
         if proc.returncode != 0:
             raise RuntimeError(f"main.py --target {target} exited {proc.returncode}:\n{text[-1500:]}")
         rows.append(row(f"main.py --target {target} (after the previous), wall s", wall, None, "s", "main.py", "-",
-                        peak_rss_mib=usage.ru_maxrss / 1024, log_tail=text[-4000:]))
+                        command=" ".join(["python", "main.py", *cmd[2:]]), peak_rss_mib=usage.ru_maxrss / 1024,
+                        log_tail=text[-4000:]))
     return rows
 
 
@@ -580,6 +582,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="small: dim 256 models and 100k search; large: dim 1024 models and 1M search")
     p.add_argument("--skip_main", action="store_true", help="skip timing `main.py --target all` (many minutes)")
     p.add_argument("--profile", action="store_true", help="also break the dim-256 MLX training steps down")
+    p.add_argument("--main_args", default="", help="extra flags for the main.py runs, e.g. \"--num_iters 100\"")
     p.add_argument("--no_torch_compile", action="store_true", help="skip the torch.compile reference")
     p.add_argument("--repeats", type=int, default=3, help="timed samples per measurement (the median is kept)")
     p.add_argument("--only", default="train,search,decode,embed,main",
@@ -632,7 +635,7 @@ def main(argv: list[str], blas_line: str) -> int:
             if "embed" in figures:
                 steps.append(lambda: [fig_embed(worker, cfg, workdir)])
             if "main" in figures:
-                steps.append(lambda: fig_main(workdir))
+                steps.append(lambda: fig_main(workdir, shlex.split(args.main_args)))
             for fn in steps:
                 new = fn()
                 rows.extend(new)
