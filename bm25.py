@@ -56,7 +56,6 @@ def tokenize(text: str, stem: str = "minimal") -> list[str]:
     return words
 
 
-
 class BM25Retriever:
     """Sparse lexical retriever; chunk ids are positions in the list given to `build`."""
 

@@ -116,8 +116,10 @@ def train_tokenizer(texts: list[str], vocab_size: int, seed: int = 0) -> bytes:
             minloglevel=2,
         )
     except RuntimeError as e:
-        raise DatasetError(f"--vocab_size {vocab_size}: SentencePiece could not train ({e}); "
-                           "the corpus may be too small for it, or it is below the 256 byte pieces plus specials") from None
+        raise DatasetError(
+            f"--vocab_size {vocab_size}: SentencePiece could not train ({e}); "
+            "the corpus may be too small for it, or it is below the 256 byte pieces plus specials"
+        ) from None
     return model.getvalue()
 
 
@@ -242,8 +244,9 @@ def expand_qa(model_name: str | None, qa: list[QAPair], to_dir: Path, log=print)
     if todo:
         try:
             model, tokenizer = expansion.load_expander(model_name)
-            sentences = expansion.expand_answers(model, tokenizer, [(qa[i].question, qa[i].answers[0]) for i in todo],
-                                                 log=log)
+            sentences = expansion.expand_answers(
+                model, tokenizer, [(qa[i].question, qa[i].answers[0]) for i in todo], log=log
+            )
         except expansion.ExpansionError as e:
             raise DatasetError(str(e)) from None
         for i, sentence in zip(todo, sentences):
@@ -278,8 +281,9 @@ def source_files_signature(path: str | Path) -> str:
     return h.hexdigest()
 
 
-def build_dataset(spec: SourceSpec, to_dir: str | Path, vocab_size: int = 4096, context_size: int = 64,
-                  force: bool = False, log=print) -> Path:
+def build_dataset(
+    spec: SourceSpec, to_dir: str | Path, vocab_size: int = 4096, context_size: int = 64, force: bool = False, log=print
+) -> Path:
     """Read, tokenise, chunk and label a corpus into `to_dir`. Idempotent: an up-to-date cache is reused."""
     if context_size <= 0:
         raise DatasetError(f"--context_size must be positive, got {context_size}")
@@ -324,17 +328,18 @@ def build_dataset(spec: SourceSpec, to_dir: str | Path, vocab_size: int = 4096, 
     targets = expanded if expanded is not None else [q.answers[0] for q in qa]
     a_tokens = [t + [EOS_ID] for t in sp.encode(targets)] if qa else []
     labels = label_answers(chunk_texts, chunk_doc, qa, doc_index)
-    no_answer = sum(1 for l in labels if not l)
+    no_answer = sum(1 for chunks_of_q in labels if not chunks_of_q)
     if no_answer:
         log(f"warning: {no_answer:,} of {len(qa):,} questions have their answer in no chunk (kept, counted as misses)")
 
     q_width = min(MAX_QUESTION_TOKENS, max((len(t) for t in q_tokens), default=1))
-    a_width = min(MAX_ANSWER_TOKENS if expanded is None else MAX_EXPANDED_TOKENS,
-                  max((len(t) for t in a_tokens), default=1))
+    a_width = min(
+        MAX_ANSWER_TOKENS if expanded is None else MAX_EXPANDED_TOKENS, max((len(t) for t in a_tokens), default=1)
+    )
     splits = [split_of(q.id) for q in qa]
     pos_offsets = np.zeros(len(qa) + 1, dtype=np.int64)
-    pos_offsets[1:] = np.cumsum([len(l) for l in labels])
-    pos_chunks = np.array([c for l in labels for c in l], dtype=np.int32)
+    pos_offsets[1:] = np.cumsum([len(chunks_of_q) for chunks_of_q in labels])
+    pos_chunks = np.array([c for chunks_of_q in labels for c in chunks_of_q], dtype=np.int32)
     meta = {
         "format": FORMAT_VERSION,
         "fingerprint": fp,
@@ -351,8 +356,9 @@ def build_dataset(spec: SourceSpec, to_dir: str | Path, vocab_size: int = 4096, 
         "tokens": int(sum(len(t) for t in doc_tokens)),
         "question_tokens": q_width,
         "answer_tokens": a_width,
-        "expansion_fallbacks": None if expanded is None else sum(
-            e == expansion.fallback_sentence(q.answers[0]) for q, e in zip(qa, expanded)),
+        "expansion_fallbacks": None
+        if expanded is None
+        else sum(e == expansion.fallback_sentence(q.answers[0]) for q, e in zip(qa, expanded)),
     }
     arrays = {
         "chunks": chunks,
@@ -365,8 +371,7 @@ def build_dataset(spec: SourceSpec, to_dir: str | Path, vocab_size: int = 4096, 
     }
     _write_cache(to_dir, meta, model_bytes, docs, qa, splits, arrays, expanded, expansions)
     log(
-        f"dataset: {meta['num_chunks']:,} chunks of {context_size} tokens, "
-        f"splits {meta['splits']}, written to {to_dir}"
+        f"dataset: {meta['num_chunks']:,} chunks of {context_size} tokens, splits {meta['splits']}, written to {to_dir}"
     )
     return to_dir
 
@@ -429,7 +434,9 @@ class Dataset:
             self.pos_offsets = np.asarray(load("pos_offsets"))
             self.pos_chunks = np.asarray(load("pos_chunks"))
         except (OSError, ValueError) as e:
-            raise DatasetError(f"{self.path}: unreadable dataset cache ({e}); rebuild it with --target dataset") from None
+            raise DatasetError(
+                f"{self.path}: unreadable dataset cache ({e}); rebuild it with --target dataset"
+            ) from None
         self.tokenizer = load_tokenizer(self.path / "tokenizer.model")
         self.splits = np.array([q["split"] for q in self.qa])
 

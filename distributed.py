@@ -124,8 +124,10 @@ def agree(value: int, what: str) -> None:
         return
     values = np.array(mx.distributed.all_gather(mx.array([value], dtype=mx.int32))).tolist()
     if len(set(values)) > 1:
-        raise ValueError(f"the {size()} processes disagree on {what} ({values} by rank); "
-                         f"they must all see the same --save_dir (a shared or synced folder)")
+        raise ValueError(
+            f"the {size()} processes disagree on {what} ({values} by rank); "
+            f"they must all see the same --save_dir (a shared or synced folder)"
+        )
 
 
 def barrier() -> None:

@@ -24,8 +24,16 @@ import numpy as np
 
 import checkpoint as ckpt
 from training import UsageError
-from metrics import (aggregate_qa, count_no_relevant, exact_match, latency_percentiles, mean_reciprocal_rank,
-                     normalize_answer, recall_at_k, token_f1)
+from metrics import (
+    aggregate_qa,
+    count_no_relevant,
+    exact_match,
+    latency_percentiles,
+    mean_reciprocal_rank,
+    normalize_answer,
+    recall_at_k,
+    token_f1,
+)
 
 KS = (1, 5, 20, 100)
 RETRIEVERS = ("dense", "bm25")
@@ -41,14 +49,17 @@ def normalised_chunk_texts(texts: Sequence[str]) -> list[str]:
     return [f" {normalize_answer(t)} " for t in texts]
 
 
-def answer_hits(ranked_ids: np.ndarray, chunk_texts_normalised: Sequence[str],
-                answers: Sequence[Sequence[str]]) -> list[list[int]]:
+def answer_hits(
+    ranked_ids: np.ndarray, chunk_texts_normalised: Sequence[str], answers: Sequence[Sequence[str]]
+) -> list[list[int]]:
     """Per question, the retrieved chunk ids whose text contains a normalised gold answer (as
     `metrics.contains_answer` decides: whole tokens; aliases that normalise to nothing never match)."""
     ranked = np.asarray(ranked_ids)
     if ranked.ndim != 2 or len(ranked) != len(answers):
-        raise ValueError(f"ranked_ids must be [questions, K] with one row per answer list, got {ranked.shape} "
-                         f"for {len(answers)} questions")
+        raise ValueError(
+            f"ranked_ids must be [questions, K] with one row per answer list, got {ranked.shape} "
+            f"for {len(answers)} questions"
+        )
     out = []
     for row, aliases in zip(ranked, answers):
         norm = [f" {a} " for a in (normalize_answer(x) for x in aliases) if a]
@@ -66,8 +77,12 @@ def ranking_metrics(ranked_ids: np.ndarray, relevant: Sequence[Sequence[int]], k
     return out
 
 
-def retrieval_metrics(ranked_ids: np.ndarray, chunk_texts_normalised: Sequence[str],
-                      answers: Sequence[Sequence[str]], ks: Sequence[int] = KS) -> dict:
+def retrieval_metrics(
+    ranked_ids: np.ndarray,
+    chunk_texts_normalised: Sequence[str],
+    answers: Sequence[Sequence[str]],
+    ks: Sequence[int] = KS,
+) -> dict:
     """Recall@k / MRR where a hit is a retrieved chunk that contains a gold answer (see `answer_hits`)."""
     return ranking_metrics(ranked_ids, answer_hits(ranked_ids, chunk_texts_normalised, answers), ks)
 
@@ -78,8 +93,9 @@ def first_hit_rank(ranked: Sequence[int], relevant: Sequence[int]) -> int | None
     return next((i + 1 for i, c in enumerate(ranked) if int(c) in rel), None)
 
 
-def timed_search(search_one: Callable[[int], tuple[np.ndarray, np.ndarray]], n: int, depth: int
-                 ) -> tuple[np.ndarray, np.ndarray, list[float]]:
+def timed_search(
+    search_one: Callable[[int], tuple[np.ndarray, np.ndarray]], n: int, depth: int
+) -> tuple[np.ndarray, np.ndarray, list[float]]:
     """Run `search_one(i)` -> (scores [d], ids [d]) for questions 0..n-1 one at a time, timing each call.
 
     One untimed call first, so one-off start-up costs (kernel compilation, caches) are not billed to question 0.
@@ -168,8 +184,9 @@ def oracle_chunk_ids(positives: Sequence[Sequence[int]], retrieved: np.ndarray) 
     return out, fallback
 
 
-def generate_answers(model, data, question_ids: np.ndarray, chunk_ids: np.ndarray, batch_size: int = 64,
-                     max_tokens: int | None = None) -> list[str]:
+def generate_answers(
+    model, data, question_ids: np.ndarray, chunk_ids: np.ndarray, batch_size: int = 64, max_tokens: int | None = None
+) -> list[str]:
     """Greedy answers (decoded text), batched, for questions `question_ids` reading chunks `chunk_ids` [N, K]."""
     import generator
 
@@ -223,8 +240,11 @@ def render_markdown(report: dict) -> str:
         for rel, label in (("answer", "answer in chunk"), ("labels", "dataset labels")):
             m = r[rel]
             lat = r["latency"] if rel == "answer" else {}
-            lines.append(f"| {name} | {label} | " + " | ".join(_pct(m[f"recall@{k}"]) for k in ks)
-                         + f" | {_pct(m['mrr'])} | {_ms(lat.get('p50_ms'))} | {_ms(lat.get('p95_ms'))} |")
+            lines.append(
+                f"| {name} | {label} | "
+                + " | ".join(_pct(m[f"recall@{k}"]) for k in ks)
+                + f" | {_pct(m['mrr'])} | {_ms(lat.get('p50_ms'))} | {_ms(lat.get('p95_ms'))} |"
+            )
     g = report["generation"]
     lines += [
         "",
@@ -238,8 +258,11 @@ def render_markdown(report: dict) -> str:
     ]
     fallback = g["oracle"].get("questions_without_labels", 0)
     if fallback:
-        lines += ["", f"Oracle: {fallback} of {cfg['num_questions']} questions have no labelled chunk and read "
-                      f"their retrieved chunks instead."]
+        lines += [
+            "",
+            f"Oracle: {fallback} of {cfg['num_questions']} questions have no labelled chunk and read "
+            f"their retrieved chunks instead.",
+        ]
     return "\n".join(lines) + "\n"
 
 
@@ -270,8 +293,18 @@ def new_run_dir(eval_dir: str | Path, split: str, generator_id: str, kind: str) 
 
 
 def dataset_summary(meta: dict) -> dict:
-    keys = ("source", "fingerprint", "tokenizer_sha1", "vocab_size", "context_size", "num_documents", "num_chunks",
-            "num_qa", "splits", "questions_without_answer_chunk")
+    keys = (
+        "source",
+        "fingerprint",
+        "tokenizer_sha1",
+        "vocab_size",
+        "context_size",
+        "num_documents",
+        "num_chunks",
+        "num_qa",
+        "splits",
+        "questions_without_answer_chunk",
+    )
     return {k: meta.get(k) for k in keys}
 
 
@@ -284,8 +317,9 @@ def _checkpoint_meta(directory: Path, ckpt_type: str, ckpt_id: str | None) -> di
 # ---------------------------------------------------------------- the target
 
 
-def run_eval(args, data, retr, index, gen, retriever_id: str = "unknown", generator_id: str = "unknown",
-             log=print) -> tuple[dict, dict[str, Path]]:
+def run_eval(
+    args, data, retr, index, gen, retriever_id: str = "unknown", generator_id: str = "unknown", log=print
+) -> tuple[dict, dict[str, Path]]:
     """Evaluate on `args.split` and write the report; returns (report, paths of the written files).
 
     Reads args.split, args.retriever, args.top_k, args.seed, args.save_dir and args.max_answer_tokens."""
@@ -312,21 +346,28 @@ def run_eval(args, data, retr, index, gen, retriever_id: str = "unknown", genera
     texts = [data.chunk_text(c) for c in range(n_chunks)]
     norm = normalised_chunk_texts(texts)
     bm25_dir = Path(args.save_dir) / "bm25" / data.tokenizer_sha1[:12]
-    bm25 = load_or_build_bm25(bm25_dir, texts, {"dataset_fingerprint": data.meta.get("fingerprint"),
-                                                "num_chunks": n_chunks}, log)
+    bm25 = load_or_build_bm25(
+        bm25_dir, texts, {"dataset_fingerprint": data.meta.get("fingerprint"), "num_chunks": n_chunks}, log
+    )
 
     rankings, hits, retrieval = {}, {}, {}
-    searchers = {"dense": dense_searcher(retr, data.questions[ids], index, depth),
-                 "bm25": bm25_searcher(bm25, [q["question"] for q in qa], depth)}
+    searchers = {
+        "dense": dense_searcher(retr, data.questions[ids], index, depth),
+        "bm25": bm25_searcher(bm25, [q["question"] for q in qa], depth),
+    }
     for name, search_one in searchers.items():
         scores, ranked, seconds = timed_search(search_one, len(ids), depth)
         rankings[name] = (scores, ranked)
         hits[name] = answer_hits(ranked, norm, answers)
-        retrieval[name] = {"answer": ranking_metrics(ranked, hits[name]),
-                           "labels": ranking_metrics(ranked, labels),
-                           "latency": latency_percentiles(seconds)}
-        log(f"eval: {name} recall@5 {retrieval[name]['answer']['recall@5']:.3f}, "
-            f"p50 {retrieval[name]['latency']['p50_ms']:.2f} ms")
+        retrieval[name] = {
+            "answer": ranking_metrics(ranked, hits[name]),
+            "labels": ranking_metrics(ranked, labels),
+            "latency": latency_percentiles(seconds),
+        }
+        log(
+            f"eval: {name} recall@5 {retrieval[name]['answer']['recall@5']:.3f}, "
+            f"p50 {retrieval[name]['latency']['p50_ms']:.2f} ms"
+        )
 
     fed_scores, fed = rankings[kind][0][:, :k_fed], rankings[kind][1][:, :k_fed]
     oracle, fallback = oracle_chunk_ids(labels, fed)
@@ -337,19 +378,31 @@ def run_eval(args, data, retr, index, gen, retriever_id: str = "unknown", genera
         predictions[setting] = generate_answers(gen, data, ids, chunk_ids, max_tokens=args.max_answer_tokens)
         per_question[setting] = score_predictions(predictions[setting], answers)
         generation[setting] = generation_metrics(predictions[setting], answers)
-        log(f"eval: {setting:<9} EM {generation[setting]['em']:.3f} F1 {generation[setting]['f1']:.3f} "
-            f"({time.perf_counter() - tic:.1f}s)")
+        log(
+            f"eval: {setting:<9} EM {generation[setting]['em']:.3f} F1 {generation[setting]['f1']:.3f} "
+            f"({time.perf_counter() - tic:.1f}s)"
+        )
     generation["oracle"]["questions_without_labels"] = fallback
 
     gen_meta = _checkpoint_meta(pipeline.checkpoint_dir(args), "generator", generator_id)
     if gen_meta.get("retriever") not in (None, retriever_id):
-        log(f"warning: generator {generator_id[:12]} was trained on retriever {gen_meta['retriever'][:12]}'s "
-            f"chunks, not {retriever_id[:12]}'s")
+        log(
+            f"warning: generator {generator_id[:12]} was trained on retriever {gen_meta['retriever'][:12]}'s "
+            f"chunks, not {retriever_id[:12]}'s"
+        )
     report = {
         "config": {
-            "split": split, "num_questions": int(len(ids)), "top_k": k_fed, "retriever": kind, "ks": list(KS),
-            "depth": depth, "seed": args.seed, "retriever_id": retriever_id, "generator_id": generator_id,
-            "generator_step": gen_meta.get("step"), "generator_trained_with_retriever": gen_meta.get("retriever"),
+            "split": split,
+            "num_questions": int(len(ids)),
+            "top_k": k_fed,
+            "retriever": kind,
+            "ks": list(KS),
+            "depth": depth,
+            "seed": args.seed,
+            "retriever_id": retriever_id,
+            "generator_id": generator_id,
+            "generator_step": gen_meta.get("step"),
+            "generator_trained_with_retriever": gen_meta.get("retriever"),
             "bm25": {"k1": bm25.k1, "b": bm25.b, "method": bm25.method, "stem": bm25.stem, "cache": str(bm25_dir)},
             "dataset": dataset_summary(data.meta),
             "created_utc": datetime.now(timezone.utc).isoformat(timespec="seconds"),
@@ -360,13 +413,26 @@ def run_eval(args, data, retr, index, gen, retriever_id: str = "unknown", genera
     rows = []
     for j, q in enumerate(qa):
         row = {
-            "id": q["id"], "question": q["question"], "answers": q["answers"], "retriever": kind,
-            "retrieved": [{"chunk": int(c), "score": round(float(s), 6), "title": data.chunk_title(int(c))}
-                          for c, s in zip(fed[j], fed_scores[j])],
-            "prediction": predictions["retrieved"][j], **per_question["retrieved"][j],
-            "oracle": {"chunks": oracle[j].tolist(), "prediction": predictions["oracle"][j], **per_question["oracle"][j]},
-            "random": {"chunks": inputs["random"][j].tolist(), "prediction": predictions["random"][j],
-                       **per_question["random"][j]},
+            "id": q["id"],
+            "question": q["question"],
+            "answers": q["answers"],
+            "retriever": kind,
+            "retrieved": [
+                {"chunk": int(c), "score": round(float(s), 6), "title": data.chunk_title(int(c))}
+                for c, s in zip(fed[j], fed_scores[j])
+            ],
+            "prediction": predictions["retrieved"][j],
+            **per_question["retrieved"][j],
+            "oracle": {
+                "chunks": oracle[j].tolist(),
+                "prediction": predictions["oracle"][j],
+                **per_question["oracle"][j],
+            },
+            "random": {
+                "chunks": inputs["random"][j].tolist(),
+                "prediction": predictions["random"][j],
+                **per_question["random"][j],
+            },
             "labelled_chunks": labels[j],
         }
         for name, (_, ranked) in rankings.items():
@@ -387,7 +453,9 @@ def eval_target(args, data) -> int:
     directory = pipeline.checkpoint_dir(args)
     for ckpt_type, target in (("retriever", "retriever"), ("generator", "all")):
         if not (directory.is_dir() and ckpt.list_checkpoints(directory, ckpt_type)):
-            raise UsageError(f"--target eval: no {ckpt_type} checkpoint in {directory}; train one with --target {target}")
+            raise UsageError(
+                f"--target eval: no {ckpt_type} checkpoint in {directory}; train one with --target {target}"
+            )
     retr, rid, index = pipeline.get_retriever(args, data, train=False)
     gen, gid = pipeline.get_generator(args, data, None, rid, train=False)
     run_eval(args, data, retr, index, gen, retriever_id=rid, generator_id=gid)

@@ -15,8 +15,10 @@ from pathlib import Path
 from metrics import normalize_answer
 
 FLAG = "--expander_model"
-INSTRUCTION = ("Rewrite the short answer as one complete sentence that answers the question and contains the "
-               "answer word for word. Reply with the sentence only.")
+INSTRUCTION = (
+    "Rewrite the short answer as one complete sentence that answers the question and contains the "
+    "answer word for word. Reply with the sentence only."
+)
 # Few-shot examples, shared by the chat and the plain prompt; none of them is about the built-in corpus.
 EXAMPLES = (
     ("Where was Marie Curie born?", "Warsaw", "Marie Curie was born in Warsaw."),
@@ -70,8 +72,10 @@ def load_expander(model_path_or_id: str):
             source = str(hf_repo_to_path(name))  # the local cache only, no network
         return mlx_lm.load(source)
     except (LocalEntryNotFoundError, OfflineModeIsEnabled):
-        raise ExpansionError(f"{FLAG} {name}: not a local folder and not in the Hugging Face cache, and the hub "
-                             "cannot be reached (offline, or HF_HUB_OFFLINE=1)") from None
+        raise ExpansionError(
+            f"{FLAG} {name}: not a local folder and not in the Hugging Face cache, and the hub "
+            "cannot be reached (offline, or HF_HUB_OFFLINE=1)"
+        ) from None
     except RepositoryNotFoundError:
         raise ExpansionError(f"{FLAG} {name}: no such model on the Hugging Face hub (or it is private/gated)") from None
     except HFValidationError:
@@ -126,8 +130,9 @@ def build_prompt(tokenizer, question: str, answer: str) -> list[int]:
             turns += [{"role": "user", "content": query(q, a)}, {"role": "assistant", "content": s}]
         turns.append({"role": "user", "content": query(question, answer)})
         try:
-            ids = tokenizer.apply_chat_template([{"role": "system", "content": INSTRUCTION}] + turns,
-                                                add_generation_prompt=True, enable_thinking=False)
+            ids = tokenizer.apply_chat_template(
+                [{"role": "system", "content": INSTRUCTION}] + turns, add_generation_prompt=True, enable_thinking=False
+            )
         except jinja2.TemplateError:  # some templates (Gemma) refuse a system turn: put it in the first user turn
             turns[0] = {"role": "user", "content": INSTRUCTION + "\n\n" + turns[0]["content"]}
             ids = tokenizer.apply_chat_template(turns, add_generation_prompt=True, enable_thinking=False)
@@ -146,8 +151,15 @@ def _newline_ids(tokenizer) -> set[int]:
     return ids
 
 
-def expand_answers(model, tokenizer, pairs: Sequence[tuple[str, str]], max_tokens: int = 48, batch_size: int = 32,
-                   log: Callable[[str], None] = print, progress: bool = True) -> list[str]:
+def expand_answers(
+    model,
+    tokenizer,
+    pairs: Sequence[tuple[str, str]],
+    max_tokens: int = 48,
+    batch_size: int = 32,
+    log: Callable[[str], None] = print,
+    progress: bool = True,
+) -> list[str]:
     """One full sentence per `(question, answer)` pair, in order, generated greedily with `mlx_lm.batch_generate`.
 
     Each sentence contains its answer (normalised, as whole words); where the model's does not, the template
@@ -171,7 +183,7 @@ def expand_answers(model, tokenizer, pairs: Sequence[tuple[str, str]], max_token
                 batch = pairs[start : start + batch_size]
                 prompts = [build_prompt(tokenizer, q, a) for q, a in batch]
                 response = batch_generate(model, tokenizer, prompts, max_tokens=max_tokens, return_token_ids=True)
-                for (q, a), text, ids in zip(batch, response.texts, response.token_ids):
+                for (_, a), text, ids in zip(batch, response.texts, response.token_ids):
                     sentence = first_sentence(text, a, complete=len(ids) < max_tokens)
                     if sentence is None or not contains_answer(sentence, a):
                         sentence = fallback_sentence(a)
@@ -181,6 +193,8 @@ def expand_answers(model, tokenizer, pairs: Sequence[tuple[str, str]], max_token
     finally:
         tokenizer.eos_token_ids = eos
     if pairs:
-        log(f"expansion: {len(pairs):,} answers expanded, {fallbacks:,} fell back to the template "
-            f"({100 * fallbacks / len(pairs):.0f}%)")
+        log(
+            f"expansion: {len(pairs):,} answers expanded, {fallbacks:,} fell back to the template "
+            f"({100 * fallbacks / len(pairs):.0f}%)"
+        )
     return out

@@ -118,8 +118,14 @@ class Generator(nn.Module):
     def make_cache(self) -> list[dict]:
         return [{} for _ in range(len(self.blocks) + 1)]
 
-    def generate(self, passages: mx.array, max_tokens: int | None = None, temperature: float = 0.0,
-                 sample_top_k: int = 0, seed: int | None = None) -> Iterator[mx.array]:
+    def generate(
+        self,
+        passages: mx.array,
+        max_tokens: int | None = None,
+        temperature: float = 0.0,
+        sample_top_k: int = 0,
+        seed: int | None = None,
+    ) -> Iterator[mx.array]:
         """Yield the next token [B] for every question in the batch, one step at a time, with a key/value cache.
 
         `temperature` 0 is greedy; otherwise sample, from the `sample_top_k` most likely tokens when > 0.
@@ -159,7 +165,9 @@ class Generator(nn.Module):
         return np.array(tokens[:, 1:]).tolist()
 
 
-def greedy_answers(model: Generator, passages: np.ndarray, batch_size: int = 64, max_tokens: int | None = None) -> list[list[int]]:
+def greedy_answers(
+    model: Generator, passages: np.ndarray, batch_size: int = 64, max_tokens: int | None = None
+) -> list[list[int]]:
     """Greedy answers (token ids, without EOS) for a whole set of passages, batched."""
     out = []
     for i in range(0, len(passages), batch_size):
@@ -229,8 +237,9 @@ class FiDBatches:
         return build_passages(self.data, self.data.questions[qids], self.retrieved[rows]), answer_in, answer_out
 
 
-def answer_metrics(model: Generator, data: Dataset, question_ids: np.ndarray, chunk_ids: np.ndarray,
-                   batch_size: int = 64) -> tuple[dict, list[str]]:
+def answer_metrics(
+    model: Generator, data: Dataset, question_ids: np.ndarray, chunk_ids: np.ndarray, batch_size: int = 64
+) -> tuple[dict, list[str]]:
     """Exact match and token F1 of greedy answers (official normalisation, max over aliases)."""
     from metrics import aggregate_qa
 
@@ -240,14 +249,19 @@ def answer_metrics(model: Generator, data: Dataset, question_ids: np.ndarray, ch
     return {"em": scores["em"], "f1": scores["f1"]}, predictions
 
 
-def validation_loss(model: Generator, data: Dataset, question_ids: np.ndarray, chunk_ids: np.ndarray,
-                    batch_size: int = 64) -> float:
+def validation_loss(
+    model: Generator, data: Dataset, question_ids: np.ndarray, chunk_ids: np.ndarray, batch_size: int = 64
+) -> float:
     total, count = 0.0, 0
     for i in range(0, len(question_ids), batch_size):
         q = question_ids[i : i + batch_size]
         answer_in, answer_out = teacher_forcing(np.asarray(data.answers[q]))
-        loss, (_, ntok) = seq2seq_loss(model, mx.array(build_passages(data, data.questions[q], chunk_ids[i : i + batch_size])),
-                                       mx.array(answer_in), mx.array(answer_out))
+        loss, (_, ntok) = seq2seq_loss(
+            model,
+            mx.array(build_passages(data, data.questions[q], chunk_ids[i : i + batch_size])),
+            mx.array(answer_in),
+            mx.array(answer_out),
+        )
         total += loss.item() * ntok.item()
         count += ntok.item()
     return total / max(count, 1)
@@ -272,9 +286,16 @@ def train(
     import training as T
 
     model, found = T.load_or_init(
-        directory, "generator", Generator, ModelArgs,
+        directory,
+        "generator",
+        Generator,
+        ModelArgs,
         {"vocab_size": data.vocab_size, "max_answer_tokens": int(data.answers.shape[1])},
-        model_overrides, data.tokenizer_sha1, identifier, new_model, log,
+        model_overrides,
+        data.tokenizer_sha1,
+        identifier,
+        new_model,
+        log,
     )
     cfg = T.TrainConfig.merged(found.metadata.get("train") if found else None, train_overrides)
     train_ids = data.split_indices("train")
@@ -286,8 +307,10 @@ def train(
     T.restore_optimizer(optimizer, model, found.optimizer_state if found else {})
     start = int(found.metadata.get("step", 0)) if found else 0
     state = {"id": found.id if found else None, "best": found.metadata.get("best") if found else None}
-    log(f"generator: {T.count_parameters(model):,} parameters, {len(train_ids):,} training questions, "
-        f"{retrieved.shape[1]} chunks each")
+    log(
+        f"generator: {T.count_parameters(model):,} parameters, {len(train_ids):,} training questions, "
+        f"{retrieved.shape[1]} chunks each"
+    )
 
     def evaluate(step: int) -> dict:
         if len(valid_ids) == 0:
@@ -308,8 +331,12 @@ def train(
     def save(step: int, metrics: dict) -> None:
         if "em" in metrics and (state["best"] is None or metrics["em"] > state["best"]["em"]):
             state["best"] = {"em": metrics["em"], "step": step}
-        extra = {"tokenizer_sha1": data.tokenizer_sha1, "best": state["best"], "retriever": retriever_id,
-                 "top_k": int(retrieved.shape[1])}
+        extra = {
+            "tokenizer_sha1": data.tokenizer_sha1,
+            "best": state["best"],
+            "retriever": retriever_id,
+            "top_k": int(retrieved.shape[1]),
+        }
         state["id"] = T.save_state(directory, "generator", model, optimizer, step, cfg, metrics, extra, state["id"])
         log(f"saved generator {state['id'][:12]} at step {step}")
 

@@ -117,8 +117,16 @@ def save_sharded(directory: str | Path, name: str, embeddings: mx.array, num_sha
         ckpt._replace_or_discard(tmp, path)
         files.append({"file": path.name, "rows": stop - start})
     manifest = manifest_path(directory, name)
-    ckpt.atomic_write_json(manifest, {"retriever": retriever_id, "num_chunks": len(emb), "dim": int(emb.shape[1]),
-                                      "dtype": "float32", "shards": files})
+    ckpt.atomic_write_json(
+        manifest,
+        {
+            "retriever": retriever_id,
+            "num_chunks": len(emb),
+            "dim": int(emb.shape[1]),
+            "dtype": "float32",
+            "shards": files,
+        },
+    )
     return manifest
 
 
@@ -160,8 +168,15 @@ def _read_cache(directory: Path, name: str, retriever_id: str, num_chunks: int, 
     return None
 
 
-def load_or_build(model, retriever_id: str, chunks: np.ndarray, directory: str | Path, log=print,
-                  embedding_identifier: str | None = None, kind: str = "exact"):
+def load_or_build(
+    model,
+    retriever_id: str,
+    chunks: np.ndarray,
+    directory: str | Path,
+    log=print,
+    embedding_identifier: str | None = None,
+    kind: str = "exact",
+):
     """The chunk index of this retriever checkpoint: read from its cache, or built and cached atomically.
 
     A cache whose metadata names another retriever, or with the wrong number of chunks, is rebuilt. One process
@@ -192,11 +207,16 @@ def _build(model, retriever_id: str, chunks: np.ndarray, directory: Path, log):
     tic = time.perf_counter()
     emb = embed_distributed(model, chunks, progress=True)
     elapsed = time.perf_counter() - tic
-    log(f"index: embedded {len(chunks):,} chunks in {elapsed:.1f}s ({len(chunks) / max(elapsed, 1e-9):,.0f} chunks/s"
-        + (f" over {size} processes)" if size > 1 else ")"))
+    log(
+        f"index: embedded {len(chunks):,} chunks in {elapsed:.1f}s ({len(chunks) / max(elapsed, 1e-9):,.0f} chunks/s"
+        + (f" over {size} processes)" if size > 1 else ")")
+    )
     if size == 1:
-        ckpt.atomic_save_safetensors(index_path(directory, retriever_id), {"embeddings": emb},
-                                     {"retriever": retriever_id, "num_chunks": str(len(chunks))})
+        ckpt.atomic_save_safetensors(
+            index_path(directory, retriever_id),
+            {"embeddings": emb},
+            {"retriever": retriever_id, "num_chunks": str(len(chunks))},
+        )
         return emb
     if rank == 0:  # rank 0 holds every row after the gather, so its folder always gets a complete index
         save_sharded(directory, retriever_id, emb, size, retriever_id)
@@ -239,8 +259,7 @@ def _faiss_build(emb: np.ndarray):
 def _usearch_build(emb: np.ndarray):
     from usearch.index import Index
 
-    index = Index(ndim=emb.shape[1], metric="ip", dtype="f32", connectivity=16, expansion_add=128,
-                  expansion_search=64)
+    index = Index(ndim=emb.shape[1], metric="ip", dtype="f32", connectivity=16, expansion_add=128, expansion_search=64)
     index.add(np.arange(len(emb), dtype=np.uint64), emb)
     return index, {"type": "HNSW", "connectivity": 16, "expansion_add": 128, "expansion_search": 64}
 
@@ -249,8 +268,16 @@ def approximate_path(directory: str | Path, name: str, kind: str) -> Path:
     return Path(directory) / f"{name}.embedding.{kind}"
 
 
-def load_or_build_approximate(embeddings, directory: str | Path, name: str, retriever_id: str, kind: str,
-                              log=print, recall_queries: np.ndarray | None = None, k: int = 10) -> ApproximateIndex:
+def load_or_build_approximate(
+    embeddings,
+    directory: str | Path,
+    name: str,
+    retriever_id: str,
+    kind: str,
+    log=print,
+    recall_queries: np.ndarray | None = None,
+    k: int = 10,
+) -> ApproximateIndex:
     """An approximate index of `embeddings`, read from `<name>.embedding.<kind>` (with a `.json` beside it) or
     built, cached and checked: it logs recall@k against exact search for `recall_queries` (default: 1,000
     stored embeddings, each finding itself among others, so slightly optimistic)."""
@@ -269,10 +296,18 @@ def load_or_build_approximate(embeddings, directory: str | Path, name: str, retr
     built = time.perf_counter() - tic
     index = ApproximateIndex(kind, backend, len(emb), emb.shape[1])
     recall = approximate_recall(index, emb, recall_queries, k)
-    log(f"index: {kind} {params['type']} over {len(emb):,} chunks built in {built:.1f}s; "
-        f"recall@{k} vs exact search {recall:.3f}")
-    meta = {"retriever": retriever_id, "num_chunks": len(emb), "kind": kind, "params": params,
-            f"recall@{k}": recall, "build_seconds": built}
+    log(
+        f"index: {kind} {params['type']} over {len(emb):,} chunks built in {built:.1f}s; "
+        f"recall@{k} vs exact search {recall:.3f}"
+    )
+    meta = {
+        "retriever": retriever_id,
+        "num_chunks": len(emb),
+        "kind": kind,
+        "params": params,
+        f"recall@{k}": recall,
+        "build_seconds": built,
+    }
     if dist.is_main():
         tmp = ckpt._temp_path(directory, "-" + path.name)
         try:
@@ -305,8 +340,9 @@ def _approximate_read(kind: str, path: Path, meta: dict):
     return Index.restore(str(path), view=True)  # memory-mapped
 
 
-def approximate_recall(index, embeddings: np.ndarray, queries: np.ndarray | None = None, k: int = 10,
-                       n: int = 1000, seed: int = 0) -> float:
+def approximate_recall(
+    index, embeddings: np.ndarray, queries: np.ndarray | None = None, k: int = 10, n: int = 1000, seed: int = 0
+) -> float:
     """Mean fraction of the exact top-k that the approximate index also returns."""
     emb = mx.array(embeddings)
     if queries is None:

@@ -24,7 +24,7 @@ def answer_stream(gen, data: Dataset, question: np.ndarray, chunk_ids: np.ndarra
         tokens.append(t)
         # Decode the whole answer so far: SentencePiece pieces only render correctly in context.
         new = data.decode(tokens)
-        yield new[len(text):]
+        yield new[len(text) :]
         text = new
 
 

@@ -28,44 +28,68 @@ def build_parser() -> argparse.ArgumentParser:
         formatter_class=HelpFormatter,
     )
     g = p.add_argument_group("what to run")
-    g.add_argument("--target", choices=TARGETS, default="all",
-                   help="stage to run; each runs (or reuses) the stages before it")
-    g.add_argument("--inference", action="store_true",
-                   help="interactive questions against the trained models instead of training "
-                        "(--target retriever: retrieval only)")
+    g.add_argument(
+        "--target", choices=TARGETS, default="all", help="stage to run; each runs (or reuses) the stages before it"
+    )
+    g.add_argument(
+        "--inference",
+        action="store_true",
+        help="interactive questions against the trained models instead of training "
+        "(--target retriever: retrieval only)",
+    )
     g.add_argument("--save_dir", default="./runs/default", help="folder for the dataset cache, checkpoints and indexes")
     g.add_argument("--seed", type=int, default=0, help="seed for the corpus, batches and initialisation")
     g.add_argument("--gpu", action="store_true", help="run on the GPU (Metal on macOS, CUDA with mlx[cuda])")
-    g.add_argument("--no_fast_blas", action="store_true",
-                   help="do not re-start with a fast BLAS on Linux (also RAGMLX_FAST_BLAS=0)")
-    g.add_argument("--compile", choices=("auto", "yes", "no"), default="auto",
-                   help="mx.compile the training step; auto = on the GPU only (on the CPU, MLX's compiled "
-                        "elementwise kernels measured slower than its built-in ones)")
+    g.add_argument(
+        "--no_fast_blas",
+        action="store_true",
+        help="do not re-start with a fast BLAS on Linux (also RAGMLX_FAST_BLAS=0)",
+    )
+    g.add_argument(
+        "--compile",
+        choices=("auto", "yes", "no"),
+        default="auto",
+        help="mx.compile the training step; auto = on the GPU only (on the CPU, MLX's compiled "
+        "elementwise kernels measured slower than its built-in ones)",
+    )
 
     g = p.add_argument_group("data")
-    g.add_argument("--data", choices=("builtin", "triviaqa", "triviaqa-hf", "squad", "folder"), default="builtin",
-                   help="corpus: the generated built-in encyclopedia, TriviaQA rc (directory or HF hub), "
-                        "SQuAD JSON, or a folder of .txt/.md files with qa.jsonl")
+    g.add_argument(
+        "--data",
+        choices=("builtin", "triviaqa", "triviaqa-hf", "squad", "folder"),
+        default="builtin",
+        help="corpus: the generated built-in encyclopedia, TriviaQA rc (directory or HF hub), "
+        "SQuAD JSON, or a folder of .txt/.md files with qa.jsonl",
+    )
     g.add_argument("--from_dir", default=None, help="where --data reads from (a directory, or the SQuAD JSON file)")
     g.add_argument("--to_dir", default=None, help="where the prepared dataset is cached (default: SAVE_DIR/dataset)")
     g.add_argument("--corpus_size", type=int, default=2000, help="documents in the built-in corpus")
-    g.add_argument("--squad_documents", choices=("articles", "paragraphs"), default="articles",
-                   help="SQuAD: one document per article or per paragraph")
+    g.add_argument(
+        "--squad_documents",
+        choices=("articles", "paragraphs"),
+        default="articles",
+        help="SQuAD: one document per article or per paragraph",
+    )
     g.add_argument("--max_questions", type=int, default=None, help="read at most this many questions (real data)")
     g.add_argument("--context_size", type=int, default=64, help="tokens per chunk")
     g.add_argument("--vocab_size", type=int, default=4096, help="SentencePiece BPE vocabulary size")
-    g.add_argument("--expand_answers", action="store_true",
-                   help="train the generator to answer in full sentences: --expander_model rewrites each short "
-                        "answer as one (cached in the dataset folder; EM/F1 still use the short answers)")
-    g.add_argument("--expander_model", default=None,
-                   help="mlx_lm model for --expand_answers: a local folder or a Hugging Face id")
+    g.add_argument(
+        "--expand_answers",
+        action="store_true",
+        help="train the generator to answer in full sentences: --expander_model rewrites each short "
+        "answer as one (cached in the dataset folder; EM/F1 still use the short answers)",
+    )
+    g.add_argument(
+        "--expander_model", default=None, help="mlx_lm model for --expand_answers: a local folder or a Hugging Face id"
+    )
 
     g = p.add_argument_group("models (default: taken from the checkpoint when resuming)")
     g.add_argument("--num_blocks", type=int, default=None, help="transformer blocks per encoder/decoder [2]")
     g.add_argument("--dim", type=int, default=None, help="model width [128]")
     g.add_argument("--num_heads", type=int, default=None, help="attention heads [4]")
-    g.add_argument("--checkpoint", action="store_true", default=None,
-                   help="gradient checkpointing (less memory, more compute)")
+    g.add_argument(
+        "--checkpoint", action="store_true", default=None, help="gradient checkpointing (less memory, more compute)"
+    )
 
     g = p.add_argument_group("training (default: taken from the checkpoint when resuming)")
     g.add_argument("--batch_size", type=int, default=None, help="questions per step, both models [32]")
@@ -80,21 +104,38 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--new_model", action="store_true", help="start fresh instead of resuming the newest checkpoint")
     g.add_argument("--identifier", default=None, help="generator checkpoint id (or prefix) to resume or use")
     g.add_argument("--retriever_identifier", default=None, help="retriever checkpoint id (or prefix) to resume or use")
-    g.add_argument("--embedding_identifier", default=None,
-                   help="chunk-embedding cache id to use (default: the one built for the retriever)")
-    g.add_argument("--local_negatives", action="store_true",
-                   help="under mlx.launch: score each rank's questions against its own chunks only, not the "
-                        "chunks of the whole global batch")
-    g.add_argument("--visualisation", action="store_true",
-                   help="at each evaluation, show a sample question, its retrieved chunks and the answer")
+    g.add_argument(
+        "--embedding_identifier",
+        default=None,
+        help="chunk-embedding cache id to use (default: the one built for the retriever)",
+    )
+    g.add_argument(
+        "--local_negatives",
+        action="store_true",
+        help="under mlx.launch: score each rank's questions against its own chunks only, not the "
+        "chunks of the whole global batch",
+    )
+    g.add_argument(
+        "--visualisation",
+        action="store_true",
+        help="at each evaluation, show a sample question, its retrieved chunks and the answer",
+    )
 
     g = p.add_argument_group("retrieval and decoding")
     g.add_argument("--top_k", type=int, default=5, help="chunks retrieved per question (fed to the generator)")
-    g.add_argument("--index", choices=("exact", "faiss", "usearch"), default="exact",
-                   help="dense search: exact top-K, or an approximate index (faiss IVF / usearch HNSW, pip "
-                        "install faiss-cpu or usearch) built from the cached embeddings, recall vs exact logged")
-    g.add_argument("--retriever", choices=("dense", "bm25"), default="dense",
-                   help="which retriever feeds the generator (--target eval)")
+    g.add_argument(
+        "--index",
+        choices=("exact", "faiss", "usearch"),
+        default="exact",
+        help="dense search: exact top-K, or an approximate index (faiss IVF / usearch HNSW, pip "
+        "install faiss-cpu or usearch) built from the cached embeddings, recall vs exact logged",
+    )
+    g.add_argument(
+        "--retriever",
+        choices=("dense", "bm25"),
+        default="dense",
+        help="which retriever feeds the generator (--target eval)",
+    )
     g.add_argument("--split", choices=("valid", "test"), default="test", help="question split --target eval reports on")
     g.add_argument("--temperature", type=float, default=0.0, help="sampling temperature for answers (0 = greedy)")
     g.add_argument("--sample_top_k", type=int, default=0, help="sample only among this many likeliest tokens (0 = all)")

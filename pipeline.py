@@ -21,8 +21,17 @@ USER_ERRORS = (training.UsageError, datasets.DatasetError, checkpoint.Checkpoint
 
 # Training defaults for flags that default to None on the command line (None = "take it from the checkpoint").
 # Model defaults live in each model's ModelArgs.
-TRAIN_DEFAULTS = {"batch_size": 32, "num_iters": 800, "retriever_iters": 400, "learning_rate": 1e-3,
-                  "weight_decay": 0.01, "lr_warmup": 100, "steps_per_report": 50, "steps_per_eval": 200, "keep": 3}
+TRAIN_DEFAULTS = {
+    "batch_size": 32,
+    "num_iters": 800,
+    "retriever_iters": 400,
+    "learning_rate": 1e-3,
+    "weight_decay": 0.01,
+    "lr_warmup": 100,
+    "steps_per_report": 50,
+    "steps_per_eval": 200,
+    "keep": 3,
+}
 
 
 def setup_runtime(args: argparse.Namespace) -> None:
@@ -32,7 +41,9 @@ def setup_runtime(args: argparse.Namespace) -> None:
 
     if args.gpu:
         if not (mx.metal.is_available() or (hasattr(mx, "cuda") and mx.cuda.is_available())):
-            raise training.UsageError("--gpu: this MLX build has no GPU backend (install mlx on macOS or mlx[cuda] on Linux)")
+            raise training.UsageError(
+                "--gpu: this MLX build has no GPU backend (install mlx on macOS or mlx[cuda] on Linux)"
+            )
         mx.set_default_device(mx.gpu)
     else:
         mx.set_default_device(mx.cpu)
@@ -51,7 +62,10 @@ def train_overrides(args, iters: int | None) -> dict:
 
 
 def with_defaults(overrides: dict, defaults: dict) -> dict:
-    return {k: (overrides.get(k) if overrides.get(k) is not None else defaults.get(k)) for k in set(overrides) | set(defaults)}
+    return {
+        k: (overrides.get(k) if overrides.get(k) is not None else defaults.get(k))
+        for k in set(overrides) | set(defaults)
+    }
 
 
 def model_overrides(args) -> dict:
@@ -66,8 +80,15 @@ def prepare_dataset(args):
         raise training.UsageError("--expand_answers needs --expander_model (a local mlx_lm folder or a HF model id)")
     if expander and not expand:
         raise training.UsageError("--expander_model is used only with --expand_answers; add it or drop the model")
-    spec = datasets.SourceSpec(args.data, args.from_dir, args.corpus_size, args.seed, args.squad_documents,
-                               args.max_questions, expander_model=expander if expand else None)
+    spec = datasets.SourceSpec(
+        args.data,
+        args.from_dir,
+        args.corpus_size,
+        args.seed,
+        args.squad_documents,
+        args.max_questions,
+        expander_model=expander if expand else None,
+    )
     to_dir = Path(args.to_dir) if args.to_dir else Path(args.save_dir) / "dataset"
     if args.batch_size is not None and args.batch_size <= 0:
         raise training.UsageError(f"--batch_size must be positive, got {args.batch_size}")
@@ -94,20 +115,40 @@ def get_retriever(args, data, train: bool):
     if train:
         defaults = _train_defaults(directory, "retriever", "retriever_iters", args.new_model)
         model, rid = retriever.train(
-            data, directory, with_defaults(train_overrides(args, args.retriever_iters), defaults),
-            model_overrides(args), args.retriever_identifier, args.new_model,
-            visualisation=args.visualisation, compile=args.use_compile,
+            data,
+            directory,
+            with_defaults(train_overrides(args, args.retriever_iters), defaults),
+            model_overrides(args),
+            args.retriever_identifier,
+            args.new_model,
+            visualisation=args.visualisation,
+            compile=args.use_compile,
             local_negatives=getattr(args, "local_negatives", False),
         )
     else:
-        model, found = T.load_or_init(directory, "retriever", retriever.Retriever, retriever.ModelArgs,
-                                      {"vocab_size": data.vocab_size}, {}, data.tokenizer_sha1,
-                                      args.retriever_identifier, False, verb="using")
+        model, found = T.load_or_init(
+            directory,
+            "retriever",
+            retriever.Retriever,
+            retriever.ModelArgs,
+            {"vocab_size": data.vocab_size},
+            {},
+            data.tokenizer_sha1,
+            args.retriever_identifier,
+            False,
+            verb="using",
+        )
         if found is None:
             raise T.UsageError(f"no retriever checkpoint in {directory}: train one with --target retriever")
         rid = found.id
-    index = chunk_index.load_or_build(model, rid, data.chunks, directory, embedding_identifier=args.embedding_identifier,
-                                      kind=getattr(args, "index", "exact"))
+    index = chunk_index.load_or_build(
+        model,
+        rid,
+        data.chunks,
+        directory,
+        embedding_identifier=args.embedding_identifier,
+        kind=getattr(args, "index", "exact"),
+    )
     return model, rid, index
 
 
@@ -147,12 +188,30 @@ def get_generator(args, data, retrieved, rid, train: bool):
     if train:
         defaults = _train_defaults(directory, "generator", "num_iters", args.new_model)
         model, gid = generator.train(
-            data, directory, retrieved, with_defaults(train_overrides(args, args.num_iters), defaults), overrides, rid, args.identifier, args.new_model, visualisation=args.visualisation, compile=args.use_compile,
+            data,
+            directory,
+            retrieved,
+            with_defaults(train_overrides(args, args.num_iters), defaults),
+            overrides,
+            rid,
+            args.identifier,
+            args.new_model,
+            visualisation=args.visualisation,
+            compile=args.use_compile,
         )
         return model, gid
-    model, found = T.load_or_init(directory, "generator", generator.Generator, generator.ModelArgs,
-                                  {"vocab_size": data.vocab_size}, {}, data.tokenizer_sha1, args.identifier, False,
-                                  verb="using")
+    model, found = T.load_or_init(
+        directory,
+        "generator",
+        generator.Generator,
+        generator.ModelArgs,
+        {"vocab_size": data.vocab_size},
+        {},
+        data.tokenizer_sha1,
+        args.identifier,
+        False,
+        verb="using",
+    )
     if found is None:
         raise T.UsageError(f"no generator checkpoint in {directory}: train one with --target all")
     return model, found.id
@@ -169,15 +228,18 @@ def summarise(args, data, retr, index, gen, split: str = "test", max_questions: 
         print(f"no {split} questions to report on")
         return {}
     answerable = ids[data.pos_offsets[ids + 1] > data.pos_offsets[ids]]
-    report = {f"retrieval_{k}": v for k, v in chunk_index.evaluate(retr, data, answerable, index, ks=(1, 5, 20)).items()}
+    report = {
+        f"retrieval_{k}": v for k, v in chunk_index.evaluate(retr, data, answerable, index, ks=(1, 5, 20)).items()
+    }
     relevant = [set(data.positives(int(i)).tolist()) for i in answerable]
     report["random_recall@5"] = recall_at_k(random_chunks(data, len(answerable), 5, args.seed), relevant, ks=(5,))[5]
     if gen is not None:
         _, top = retrieve_for(retr, data, ids, index, args.top_k)
         em_r, _ = generator.answer_metrics(gen, data, ids, top)
         em_x, _ = generator.answer_metrics(gen, data, ids, random_chunks(data, len(ids), args.top_k, args.seed))
-        report.update({"em_retrieved": em_r["em"], "f1_retrieved": em_r["f1"],
-                       "em_random": em_x["em"], "f1_random": em_x["f1"]})
+        report.update(
+            {"em_retrieved": em_r["em"], "f1_retrieved": em_r["f1"], "em_random": em_x["em"], "f1_random": em_x["f1"]}
+        )
     print(f"\n{split} set ({len(ids)} questions, {len(answerable)} with an answer chunk):")
     for k, v in report.items():
         print(f"  {k:<20} {v:.3f}")

@@ -70,8 +70,7 @@ class ReadReport:
     def summary(self) -> str:
         """One line: what was read, then every non-zero problem counter."""
         line = (
-            f"{self.source}: {self.questions} questions, {self.documents} documents "
-            f"from {self.files_read} {self.unit}"
+            f"{self.source}: {self.questions} questions, {self.documents} documents from {self.files_read} {self.unit}"
         )
         problems = [
             (self.malformed, "malformed entries skipped"),
@@ -257,7 +256,7 @@ def read_triviaqa_dir(
             data = _load_json(path, report)
             items = data.get("Data") if isinstance(data, dict) else None
             if not isinstance(items, list):
-                raise DataError(f"{path}: not a TriviaQA file (expected an object with a \"Data\" list)")
+                raise DataError(f'{path}: not a TriviaQA file (expected an object with a "Data" list)')
             report.files_read += 1
             for n, item in enumerate(items):
                 where = f"{path}: Data[{n}]"
@@ -446,9 +445,7 @@ def _squad_files(path: Path) -> list[Path]:
     raise DataError(f"{path}: SQuAD file or directory not found (--from_dir)")
 
 
-def read_squad(
-    path: str | os.PathLike, documents: str = "paragraphs", max_questions: int | None = None
-) -> ReadResult:
+def read_squad(path: str | os.PathLike, documents: str = "paragraphs", max_questions: int | None = None) -> ReadResult:
     """Read SQuAD v1.1 / v2.0 JSON: a file, or every *.json in a directory (sorted).
 
     documents="paragraphs": one Document per paragraph, id "<title>/<i>" (i = index in the article);
@@ -471,7 +468,7 @@ def read_squad(
         data = _load_json(file, report)
         articles = data.get("data") if isinstance(data, dict) else None
         if not isinstance(articles, list):
-            raise DataError(f"{file}: not a SQuAD file (expected an object with a \"data\" list)")
+            raise DataError(f'{file}: not a SQuAD file (expected an object with a "data" list)')
         report.files_read += 1
         for a, article in enumerate(articles):
             if full:
@@ -481,7 +478,7 @@ def read_squad(
             paragraphs = article.get("paragraphs")
             if not isinstance(paragraphs, list):
                 report.malformed += 1
-                report.warn(f"{where}: no \"paragraphs\" list; skipped")
+                report.warn(f'{where}: no "paragraphs" list; skipped')
                 continue
             title = _text(article.get("title")) or f"{file.stem}-{a}"
             # Two articles with one title would share document ids; number the later ones.

@@ -156,8 +156,16 @@ def train(
         log = _quiet
 
     model, found = T.load_or_init(
-        directory, "retriever", Retriever, ModelArgs, {"vocab_size": data.vocab_size}, model_overrides,
-        data.tokenizer_sha1, identifier, new_model, log,
+        directory,
+        "retriever",
+        Retriever,
+        ModelArgs,
+        {"vocab_size": data.vocab_size},
+        model_overrides,
+        data.tokenizer_sha1,
+        identifier,
+        new_model,
+        log,
     )
     if model.args.vocab_size != data.vocab_size:
         raise T.UsageError(f"retriever vocab_size {model.args.vocab_size} != tokenizer's {data.vocab_size}")
@@ -166,13 +174,17 @@ def train(
     valid_ids = data.split_indices("valid", answerable=True)[:eval_questions]
     if len(train_ids) == 0:
         raise T.UsageError("no training questions with an answer chunk: the retriever needs QA pairs")
-    batches = ContrastiveBatches(data, train_ids, cfg.batch_size, cfg.batch_size if negatives is None else negatives, cfg.seed)
+    batches = ContrastiveBatches(
+        data, train_ids, cfg.batch_size, cfg.batch_size if negatives is None else negatives, cfg.seed
+    )
     optimizer = T.make_optimizer(cfg)
     T.restore_optimizer(optimizer, model, found.optimizer_state if found else {})
     start = int(found.metadata.get("step", 0)) if found else 0
     state = {"id": found.id if found else None, "best": (found.metadata.get("best") if found else None)}
-    log(f"retriever: {T.count_parameters(model):,} parameters, {len(train_ids):,} training questions, "
-        f"{len(data.chunks):,} chunks")
+    log(
+        f"retriever: {T.count_parameters(model):,} parameters, {len(train_ids):,} training questions, "
+        f"{len(data.chunks):,} chunks"
+    )
 
     def evaluate(step: int) -> dict:
         if len(valid_ids) == 0:
@@ -188,8 +200,17 @@ def train(
         score = metrics.get("recall@5")
         if score is not None and (state["best"] is None or score > state["best"]["recall@5"]):
             state["best"] = {"recall@5": score, "step": step}
-        state["id"] = T.save_state(directory, "retriever", model, optimizer, step, cfg, metrics,
-                                   {"tokenizer_sha1": data.tokenizer_sha1, "best": state["best"]}, state["id"])
+        state["id"] = T.save_state(
+            directory,
+            "retriever",
+            model,
+            optimizer,
+            step,
+            cfg,
+            metrics,
+            {"tokenizer_sha1": data.tokenizer_sha1, "best": state["best"]},
+            state["id"],
+        )
         log(f"saved retriever {state['id'][:12]} at step {step}")
 
     if dist.is_main():  # the single writer of the folder
@@ -204,8 +225,10 @@ def parallel_loss(local_negatives: bool = False):
     chunk embeddings gathered across ranks (or kept local with `local_negatives`)."""
     if dist.size() == 1:
         return contrastive_loss, None
-    return (partial(contrastive_loss, gather=not local_negatives),
-            partial(shard_contrastive, local_negatives=local_negatives))
+    return (
+        partial(contrastive_loss, gather=not local_negatives),
+        partial(shard_contrastive, local_negatives=local_negatives),
+    )
 
 
 def _quiet(_msg: str) -> None:

@@ -189,7 +189,10 @@ def fit(
     step_fn = build_step(model, optimizer, loss_fn, cfg.grad_clip, compile=compile)
     metrics: dict = {}
     if start_step >= cfg.num_iters:
-        log(f"already trained to step {start_step} of {cfg.num_iters}; raise --num_iters (generator) or --retriever_iters to go on")
+        log(
+            f"already trained to step {start_step} of {cfg.num_iters}; "
+            "raise --num_iters (generator) or --retriever_iters to go on"
+        )
         return metrics
     losses, auxes, ntoks = [], [], []
     tic = time.perf_counter()
@@ -210,8 +213,15 @@ def fit(
                 elapsed = time.perf_counter() - tic
                 n = len(losses)
                 # .item() only here, once per report; equal shards, so the mean of rank means is the global mean.
-                summed = dist.all_sum(mx.stack([mx.mean(mx.stack(losses)), mx.mean(mx.stack(auxes)),
-                                                mx.sum(mx.stack(ntoks)).astype(mx.float32)]))
+                summed = dist.all_sum(
+                    mx.stack(
+                        [
+                            mx.mean(mx.stack(losses)),
+                            mx.mean(mx.stack(auxes)),
+                            mx.sum(mx.stack(ntoks)).astype(mx.float32),
+                        ]
+                    )
+                )
                 mean_loss, mean_aux = (summed[:2] / size).tolist()
                 tokens = summed[2].item()
                 lr = optimizer.learning_rate.item()
@@ -302,8 +312,17 @@ def load_or_init(
     return model, found
 
 
-def save_state(directory, ckpt_type: str, model: nn.Module, optimizer: optim.Optimizer | None, step: int,
-               cfg: TrainConfig, metrics: dict, extra: dict, parent: str | None) -> str:
+def save_state(
+    directory,
+    ckpt_type: str,
+    model: nn.Module,
+    optimizer: optim.Optimizer | None,
+    step: int,
+    cfg: TrainConfig,
+    metrics: dict,
+    extra: dict,
+    parent: str | None,
+) -> str:
     """Save weights, optimizer state and everything needed to resume as one atomic checkpoint."""
     meta = {
         "model": model.args.to_dict(),

@@ -19,8 +19,9 @@ def quiet(_msg: str) -> None:
     """A `log` that drops everything."""
 
 
-def build_builtin(to_dir: Path, corpus_size: int = 40, vocab_size: int = VOCAB, context_size: int = 32,
-                  log=quiet) -> D.Dataset:
+def build_builtin(
+    to_dir: Path, corpus_size: int = 40, vocab_size: int = VOCAB, context_size: int = 32, log=quiet
+) -> D.Dataset:
     """Build (or reuse) a built-in corpus cache in `to_dir` and open it."""
     D.build_dataset(D.SourceSpec(corpus_size=corpus_size), to_dir, vocab_size, context_size, log=log)
     return D.Dataset(to_dir)

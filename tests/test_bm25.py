@@ -22,7 +22,12 @@ def test_tokenize_and_stem():
     assert tokenize("The Beatles' U.S.A. tour-dates") == ["beatle", "usa", "tour", "date"]
     assert tokenize("John's cities", stem="none") == ["john", "cities"]
     assert [minimal_stem(w) for w in ["cities", "beatles", "bus", "class", "shoes", "is"]] == [
-        "city", "beatle", "bus", "class", "shoes", "is",
+        "city",
+        "beatle",
+        "bus",
+        "class",
+        "shoes",
+        "is",
     ]
 
 

@@ -41,8 +41,9 @@ def test_output_does_not_depend_on_string_hash_seed():
     digests = set()
     for salt in ("1", "2"):
         env = dict(os.environ, PYTHONHASHSEED=salt)
-        out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, env=env, capture_output=True, text=True,
-                             check=True)
+        out = subprocess.run(
+            [sys.executable, "-c", code], cwd=ROOT, env=env, capture_output=True, text=True, check=True
+        )
         digests.add(out.stdout.strip())
     assert digests == {_digest(200, 5)}
 

@@ -205,8 +205,10 @@ def test_build_dataset_labels_hand_written_folder(tmp_path):
 
 
 def test_word_cut_at_chunk_boundary_is_not_an_answer(tmp_path):
-    sentence = ("The old library kept a catalogue of rare maps and a catalogue of letters, and every catalogue "
-                "was bound in red leather by the keeper of the catalogue room. ")
+    sentence = (
+        "The old library kept a catalogue of rare maps and a catalogue of letters, and every catalogue "
+        "was bound in red leather by the keeper of the catalogue room. "
+    )
     docs = {"lib.txt": sentence * 3, "other.txt": "A grey cat slept by the fire of the miller every evening."}
     qa = [{"id": "q1", "question": "What animal?", "answers": ["cat"], "doc_ids": ["lib.txt"]}]
     src = write_folder(tmp_path / "src", docs, qa)
@@ -239,8 +241,12 @@ def test_cache_contents_are_consistent(built):
         # a chunk boundary do not count)
         aliases = [normalize_answer(a) for a in x["answers"]]
         evidence = {j for j, d in enumerate(built.documents) if d["id"] in x["doc_ids"]}
-        want = [c for c in range(len(built.chunks)) if int(built.chunk_doc[c]) in evidence
-                and any(f" {a} " in f" {normalize_answer(whole[c])} " for a in aliases)]
+        want = [
+            c
+            for c in range(len(built.chunks))
+            if int(built.chunk_doc[c]) in evidence
+            and any(f" {a} " in f" {normalize_answer(whole[c])} " for a in aliases)
+        ]
         assert built.positives(i).tolist() == want
     assert sum(built.meta["splits"].values()) == len(built.qa)
     assert len(built.split_indices("train", answerable=True)) > 50

@@ -82,8 +82,9 @@ def _run(tmp_path: Path, data_dir: Path, out: Path, ranks: int, local: bool = Fa
     if ranks > 1:
         cmd = [*_launcher(), "-n", str(ranks), "--backend", "ring", "-p", str(_free_port_pair()), "--", *cmd]
     env = dict(os.environ, RAGMLX_FAST_BLAS="0")
-    proc = subprocess.run(cmd, cwd=tmp_path, env=env, stdin=subprocess.DEVNULL, capture_output=True, text=True,
-                          timeout=120)
+    proc = subprocess.run(
+        cmd, cwd=tmp_path, env=env, stdin=subprocess.DEVNULL, capture_output=True, text=True, timeout=120
+    )
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
     result = json.loads((out / "result.json").read_text())
     result["stdout"] = proc.stdout
@@ -143,10 +144,10 @@ def test_two_rank_sharded_index_returns_the_single_process_top_k(runs):
     _, ids = chunk_index.search(chunk_index.embed(model, data.questions[:20]), single, 10)
     np.testing.assert_array_equal(np.load(runs["tmp"] / "two" / "topk.npy"), ids)
     # and the shards read back memory-mapped by one process (any number of processes can open them)
-    opened = chunk_index.open_sharded(chunk_index.manifest_path(ckdir, two["rid"]), two["rid"], len(data.chunks),
-                                      in_memory=False)
-    np.testing.assert_array_equal(chunk_index.search(chunk_index.embed(model, data.questions[:20]), opened, 10)[1],
-                                  ids)
+    opened = chunk_index.open_sharded(
+        chunk_index.manifest_path(ckdir, two["rid"]), two["rid"], len(data.chunks), in_memory=False
+    )
+    np.testing.assert_array_equal(chunk_index.search(chunk_index.embed(model, data.questions[:20]), opened, 10)[1], ids)
 
 
 def test_shard_bounds_cover_every_row_once():
@@ -193,7 +194,7 @@ def test_approximate_indexes_find_most_of_the_exact_top_k(tmp_path):
         pytest.importorskip("faiss" if kind == "faiss" else "usearch")
         built = chunk_index.load_or_build_approximate(emb, tmp_path, "rid", "rid", kind, log=logs.append)
         assert (tmp_path / f"rid.embedding.{kind}").is_file()
-        assert f"recall@10 vs exact search" in logs[-1]
+        assert "recall@10 vs exact search" in logs[-1]
         cached = chunk_index.load_or_build_approximate(emb, tmp_path, "rid", "rid", kind, log=logs.append)
         assert len(logs) == (1 if kind == "faiss" else 2), "the second call reads the cache"
         assert chunk_index.approximate_recall(cached, emb) > 0.5

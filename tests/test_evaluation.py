@@ -21,12 +21,14 @@ TEXTS = [
     "The U.S.A. declared independence in 1776.",
 ]
 ANSWERS = [["Paris"], ["8849 metres"], ["USA", "The"], ["London"]]
-RANKED = np.array([
-    [3, 0, 1, 2, 4, 5],  # first hit at rank 2 (chunk 3 is "parisian", not a whole-word match)
-    [2, 0, 1, 3, 4, 5],  # rank 1
-    [0, 1, 2, 3, 4, 5],  # rank 6 ("The" normalises to nothing and must not match every chunk)
-    [5, 4, 3, 2, 1, 0],  # never
-])
+RANKED = np.array(
+    [
+        [3, 0, 1, 2, 4, 5],  # first hit at rank 2 (chunk 3 is "parisian", not a whole-word match)
+        [2, 0, 1, 3, 4, 5],  # rank 1
+        [0, 1, 2, 3, 4, 5],  # rank 6 ("The" normalises to nothing and must not match every chunk)
+        [5, 4, 3, 2, 1, 0],  # never
+    ]
+)
 
 
 def test_answer_hits_are_whole_word_matches_like_contains_answer():
@@ -69,7 +71,9 @@ def test_bm25_returns_the_planted_chunk_first_and_is_cached(tmp_path):
     ev.load_or_build_bm25(tmp_path / "bm25", TEXTS, source, logs.append)  # reused, not rebuilt
     assert sum("indexed" in line for line in logs) == 1
     other = TEXTS[:4]  # same folder, other chunks (e.g. another --context_size): must be rebuilt
-    rebuilt = ev.load_or_build_bm25(tmp_path / "bm25", other, {"dataset_fingerprint": "def", "num_chunks": 4}, logs.append)
+    rebuilt = ev.load_or_build_bm25(
+        tmp_path / "bm25", other, {"dataset_fingerprint": "def", "num_chunks": 4}, logs.append
+    )
     assert rebuilt.num_chunks == 4 and sum("indexed" in line for line in logs) == 2
 
 
@@ -106,8 +110,25 @@ def tiny_run(tmp_path_factory):
     import main
 
     save_dir = tmp_path_factory.mktemp("tiny") / "run"
-    rc = main.main(["--target", "all", "--save_dir", str(save_dir), *TINY, "--batch_size", "8", "--num_iters", "20",
-                    "--retriever_iters", "20", "--steps_per_eval", "20", "--steps_per_report", "20"])
+    rc = main.main(
+        [
+            "--target",
+            "all",
+            "--save_dir",
+            str(save_dir),
+            *TINY,
+            "--batch_size",
+            "8",
+            "--num_iters",
+            "20",
+            "--retriever_iters",
+            "20",
+            "--steps_per_eval",
+            "20",
+            "--steps_per_report",
+            "20",
+        ]
+    )
     assert rc == 0
     return save_dir
 
@@ -157,11 +178,14 @@ def test_report_equals_recomputation_from_predictions(tiny_run, monkeypatch):
         return out
 
     monkeypatch.setattr(ev, "generate_answers", perfect_reader)
-    args = main.build_parser().parse_args(["--save_dir", str(tiny_run), *TINY, "--split", "valid", "--top_k", "5",
-                                           "--seed", "3"])
+    args = main.build_parser().parse_args(
+        ["--save_dir", str(tiny_run), *TINY, "--split", "valid", "--top_k", "5", "--seed", "3"]
+    )
     data = Dataset(tiny_run / "dataset")
     retr, rid, index = pipeline.get_retriever(args, data, train=False)
-    report, paths = ev.run_eval(args, data, retr, index, None, retriever_id=rid, generator_id="f" * 40, log=lambda _: None)
+    report, paths = ev.run_eval(
+        args, data, retr, index, None, retriever_id=rid, generator_id="f" * 40, log=lambda _: None
+    )
     assert report == json.loads(paths["json"].read_text())
     _, rows = _read_run(paths["json"].parent)
     assert len(rows) == len(data.split_indices("valid"))
@@ -179,16 +203,21 @@ def test_report_equals_recomputation_from_predictions(tiny_run, monkeypatch):
     texts = {}
     for name in ("dense", "bm25"):
         ranked = np.array([r[f"{name}_ranked"] for r in rows])
-        relevant = [[c for c in row if contains_answer(texts.setdefault(c, data.chunk_text(c)), r["answers"])]
-                    for row, r in zip(ranked.tolist(), rows)]
+        relevant = [
+            [c for c in row if contains_answer(texts.setdefault(c, data.chunk_text(c)), r["answers"])]
+            for row, r in zip(ranked.tolist(), rows)
+        ]
         for k, v in recall_at_k(ranked, relevant, ks=ev.KS).items():
             assert report["retrieval"][name]["answer"][f"recall@{k}"] == pytest.approx(v)
         for k, v in recall_at_k(ranked, [r["labelled_chunks"] for r in rows], ks=ev.KS).items():
             assert report["retrieval"][name]["labels"][f"recall@{k}"] == pytest.approx(v)
-        assert [r[f"{name}_first_hit"] for r in rows] == [ev.first_hit_rank(row, rel)
-                                                          for row, rel in zip(ranked, relevant)]
+        assert [r[f"{name}_first_hit"] for r in rows] == [
+            ev.first_hit_rank(row, rel) for row, rel in zip(ranked, relevant)
+        ]
     assert [[c["chunk"] for c in r["retrieved"]] for r in rows] == [r["dense_ranked"][:5] for r in rows]
-    assert [r["labelled_chunks"] for r in rows] == [data.positives(int(i)).tolist() for i in data.split_indices("valid")]
+    assert [r["labelled_chunks"] for r in rows] == [
+        data.positives(int(i)).tolist() for i in data.split_indices("valid")
+    ]
 
 
 def test_eval_without_checkpoints_is_a_usage_error(tiny_run, tmp_path, capsys):

@@ -16,8 +16,10 @@ import builtin_corpus
 import datasets as D
 import expansion as E
 
-CHAT_TEMPLATE = ("{% for m in messages %}<|{{ m['role'] }}|>{{ m['content'] }}\n{% endfor %}"
-                 "{% if add_generation_prompt %}<|assistant|>{% endif %}")
+CHAT_TEMPLATE = (
+    "{% for m in messages %}<|{{ m['role'] }}|>{{ m['content'] }}\n{% endfor %}"
+    "{% if add_generation_prompt %}<|assistant|>{% endif %}"
+)
 
 
 def write_tiny_model(folder: Path, chat_template: str | None = None, seed: int = 0) -> Path:
@@ -32,16 +34,26 @@ def write_tiny_model(folder: Path, chat_template: str | None = None, seed: int =
     tok = Tokenizer(models.BPE())
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tok.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(vocab_size=320, special_tokens=["<s>", "</s>"],
-                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+    trainer = trainers.BpeTrainer(
+        vocab_size=320, special_tokens=["<s>", "</s>"], initial_alphabet=pre_tokenizers.ByteLevel.alphabet()
+    )
     tok.train_from_iterator([s for _, _, s in E.EXAMPLES] + ["Question: Short answer: Sentence:"], trainer)
     fast = PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<s>", eos_token="</s>")
     if chat_template is not None:
         fast.chat_template = chat_template
     fast.save_pretrained(folder)
-    config = {"model_type": "llama", "hidden_size": 32, "num_hidden_layers": 2, "intermediate_size": 64,
-              "num_attention_heads": 2, "num_key_value_heads": 2, "rms_norm_eps": 1e-5,
-              "vocab_size": tok.get_vocab_size(), "tie_word_embeddings": True, "eos_token_id": tok.token_to_id("</s>")}
+    config = {
+        "model_type": "llama",
+        "hidden_size": 32,
+        "num_hidden_layers": 2,
+        "intermediate_size": 64,
+        "num_attention_heads": 2,
+        "num_key_value_heads": 2,
+        "rms_norm_eps": 1e-5,
+        "vocab_size": tok.get_vocab_size(),
+        "tie_word_embeddings": True,
+        "eos_token_id": tok.token_to_id("</s>"),
+    }
     mx.random.seed(seed)
     model = llama.Model(llama.ModelArgs.from_dict(config))  # from_dict ignores keys such as eos_token_id
     mx.save_safetensors(str(folder / "model.safetensors"), dict(tree_flatten(model.parameters())))
@@ -138,8 +150,12 @@ def test_expand_answers_keeps_good_sentences(expander, monkeypatch):
     logs: list[str] = []
     out = E.expand_answers(model, tokenizer, PAIRS, max_tokens=8, batch_size=2, log=logs.append, progress=False)
     assert seen == [a for _, a in PAIRS]
-    assert out == ["Emzolia Iward was born in Velmora.", "The answer is 1827.", "The answer is Order of the Bitter Map.",
-                   "The expedition ended in St. Louis."]
+    assert out == [
+        "Emzolia Iward was born in Velmora.",
+        "The answer is 1827.",
+        "The answer is Order of the Bitter Map.",
+        "The expedition ended in St. Louis.",
+    ]
     assert any("2 fell back" in line for line in logs), logs
 
 
@@ -235,8 +251,10 @@ def test_flags_reach_the_source_spec_and_are_checked(tmp_path, monkeypatch, caps
     base = ["--target", "dataset", "--save_dir", str(tmp_path), "--no_fast_blas"]
     assert main.main(base + ["--expand_answers", "--expander_model", "some/model"]) == 2
     assert seen[-1].expander_model == "some/model"
-    for extra, expected in ((["--expand_answers"], "--expand_answers needs --expander_model"),
-                            (["--expander_model", "some/model"], "--expander_model is used only with")):
+    for extra, expected in (
+        (["--expand_answers"], "--expand_answers needs --expander_model"),
+        (["--expander_model", "some/model"], "--expander_model is used only with"),
+    ):
         capsys.readouterr()
         assert main.main(base + extra) == 2
         err = capsys.readouterr().err

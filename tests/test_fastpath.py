@@ -182,7 +182,11 @@ def test_real_reexec_loads_fast_blas():
         pytest.skip("no fast BLAS on this machine (apt-get install libopenblas0-pthread or pip install mkl)")
     out = subprocess.run(
         [sys.executable, "-c", SNIPPET, "--flag", "value"],
-        cwd=ROOT, env=env, capture_output=True, text=True, timeout=60,
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=60,
     )
     assert out.returncode == 0, out.stderr
     message, args, in_use = out.stdout.strip().splitlines()[-3:]

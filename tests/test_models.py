@@ -236,7 +236,6 @@ def test_greedy_answers_stop_each_row_at_eos():
     assert len(consumed) == 4, "decoding stops once every row has produced EOS"
 
 
-
 def test_gradient_checkpointing_gives_the_same_loss_and_gradients():
     import mlx.nn as nn
     from mlx.utils import tree_flatten

@@ -13,15 +13,37 @@ import pytest
 
 from helpers import ROOT, file_bytes
 
-TINY = ["--corpus_size", "60", "--vocab_size", "400", "--dim", "32", "--num_blocks", "1", "--num_heads", "2",
-        "--batch_size", "16", "--retriever_iters", "20", "--num_iters", "20", "--steps_per_eval", "10"]
+TINY = [
+    "--corpus_size",
+    "60",
+    "--vocab_size",
+    "400",
+    "--dim",
+    "32",
+    "--num_blocks",
+    "1",
+    "--num_heads",
+    "2",
+    "--batch_size",
+    "16",
+    "--retriever_iters",
+    "20",
+    "--num_iters",
+    "20",
+    "--steps_per_eval",
+    "10",
+]
 
 
 def main_py(save_dir: Path, *args: str, flags=TINY, stdin: str | None = None) -> subprocess.CompletedProcess:
     """Run the real command line in a child process (as a user would)."""
     return subprocess.run(
         [sys.executable, "main.py", "--save_dir", str(save_dir), *flags, *args],
-        cwd=ROOT, input=stdin if stdin is not None else "", capture_output=True, text=True, timeout=300,
+        cwd=ROOT,
+        input=stdin if stdin is not None else "",
+        capture_output=True,
+        text=True,
+        timeout=300,
     )
 
 
@@ -95,8 +117,9 @@ def test_training_targets_write_verifiable_checkpoints(tiny_run):
     assert "recall@5" in tiny_run.out["retriever"]
     # --target all reused the finished retriever instead of training it again
     assert "retriever: resuming from " + newest[:12] in tiny_run.out["all"]
-    assert {k: v for k, v in file_bytes(ckdir).items() if ".retriever." in k} == \
-        {k: v for k, v in tiny_run.after_retriever.items() if ".retriever." in k}
+    assert {k: v for k, v in file_bytes(ckdir).items() if ".retriever." in k} == {
+        k: v for k, v in tiny_run.after_retriever.items() if ".retriever." in k
+    }
     assert "test set" in tiny_run.out["all"]
 
 

@@ -79,7 +79,12 @@ def test_triviaqa_dir_happy_path(tmp_path):
     by_id = {q.id: q for q in qa}
     assert sorted(by_id) == ["tc_1", "tc_2", "tc_4"]
     assert by_id["tc_1"].answers == [
-        "William Shakespeare", "Shakespeare", "Bard of Avon", "william shakespeare", "shakespeare", "bard of avon",
+        "William Shakespeare",
+        "Shakespeare",
+        "Bard of Avon",
+        "william shakespeare",
+        "shakespeare",
+        "bard of avon",
     ]
     assert by_id["tc_1"].doc_ids == ["wikipedia/Hamlet.txt", "wikipedia/William_Shakespeare.txt"]
     assert by_id["tc_2"].doc_ids == ["wikipedia/Hamlet.txt"]  # Gone.txt does not exist
@@ -114,8 +119,11 @@ def test_triviaqa_dir_nested_folder_and_web_domain_merge(tmp_path):
     web.mkdir(parents=True)
     (web / "7_1.txt").write_text("Shakespeare's Globe theatre in London.", encoding="utf-8")
     item = _tqa_item(
-        "tc_1", "Who wrote Hamlet?", "William Shakespeare",
-        pages=[("Hamlet.txt", "Hamlet")], results=[("7/7_1.txt", "The Globe")],
+        "tc_1",
+        "Who wrote Hamlet?",
+        "William Shakespeare",
+        pages=[("Hamlet.txt", "Hamlet")],
+        results=[("7/7_1.txt", "The Globe")],
     )
     _write_json(root / "qa" / "web-dev.json", {"Data": [item], "Domain": "Web"})
     # The parent of triviaqa-rc/ is accepted too.
@@ -201,7 +209,12 @@ def _hf_row(qid, question, value, aliases, pages, normalized=()):
             "wiki_context": [p[2] for p in pages],
         },
         "search_results": {
-            "description": [], "filename": [], "rank": [], "title": [], "url": [], "search_context": [],
+            "description": [],
+            "filename": [],
+            "rank": [],
+            "title": [],
+            "url": [],
+            "search_context": [],
         },
         "answer": {
             "aliases": list(aliases),
@@ -219,9 +232,14 @@ def test_triviaqa_hf_conversion_with_real_json_loader(tmp_path):
     hamlet = ("Hamlet.txt", "Hamlet", "Hamlet is a tragedy by William Shakespeare.")
     files = {
         "train": [
-            _hf_row("tc_1", "Who wrote Hamlet?", "William Shakespeare", ["Shakespeare", "William Shakespeare"],
-                    [hamlet, ("William_Shakespeare.txt", "William Shakespeare", "An English playwright.")],
-                    normalized=["william shakespeare", "shakespeare"]),
+            _hf_row(
+                "tc_1",
+                "Who wrote Hamlet?",
+                "William Shakespeare",
+                ["Shakespeare", "William Shakespeare"],
+                [hamlet, ("William_Shakespeare.txt", "William Shakespeare", "An English playwright.")],
+                normalized=["william shakespeare", "shakespeare"],
+            ),
             _hf_row("tc_2", "Unanswered?", "", [], [hamlet]),
         ],
         "validation": [
@@ -237,8 +255,9 @@ def test_triviaqa_hf_conversion_with_real_json_loader(tmp_path):
 
     def load_via_json(path, name, split, cache_dir=None):
         calls.append((path, name, split))
-        return hf.load_dataset("json", data_files={split: str(paths[split])}, split=split,
-                               cache_dir=str(tmp_path / "hf-cache"))
+        return hf.load_dataset(
+            "json", data_files={split: str(paths[split])}, split=split, cache_dir=str(tmp_path / "hf-cache")
+        )
 
     docs, qa, report = readers.read_triviaqa_hf(load_dataset=load_via_json)
     assert calls == [(readers.HF_TRIVIAQA, "rc.wikipedia", s) for s in ("train", "validation")]
@@ -295,26 +314,43 @@ def _squad_v1():
                     {
                         "context": "Super Bowl 50 was won by the Denver Broncos.",
                         "qas": [
-                            {"id": "q1", "question": "Who won Super Bowl 50?", "answers": [
-                                {"text": "Denver Broncos", "answer_start": 29},
-                                {"text": "Denver Broncos", "answer_start": 29},
-                                {"text": "the Denver Broncos", "answer_start": 25}]},
+                            {
+                                "id": "q1",
+                                "question": "Who won Super Bowl 50?",
+                                "answers": [
+                                    {"text": "Denver Broncos", "answer_start": 29},
+                                    {"text": "Denver Broncos", "answer_start": 29},
+                                    {"text": "the Denver Broncos", "answer_start": 25},
+                                ],
+                            },
                             {"id": "q2", "question": "Unanswered?", "answers": []},
                         ],
                     },
-                    {"context": "The game was played in Santa Clara.", "qas": [
-                        {"id": "q3", "question": "Where was it played?",
-                         "answers": [{"text": "Santa Clara", "answer_start": 23}]},
-                    ]},
+                    {
+                        "context": "The game was played in Santa Clara.",
+                        "qas": [
+                            {
+                                "id": "q3",
+                                "question": "Where was it played?",
+                                "answers": [{"text": "Santa Clara", "answer_start": 23}],
+                            },
+                        ],
+                    },
                 ],
             },
             {
                 "title": "Warsaw",
                 "paragraphs": [
-                    {"context": "Warsaw is the capital of Poland.", "qas": [
-                        {"id": "q4", "question": "Capital of Poland?",
-                         "answers": [{"text": "Warsaw", "answer_start": 0}]},
-                    ]},
+                    {
+                        "context": "Warsaw is the capital of Poland.",
+                        "qas": [
+                            {
+                                "id": "q4",
+                                "question": "Capital of Poland?",
+                                "answers": [{"text": "Warsaw", "answer_start": 0}],
+                            },
+                        ],
+                    },
                 ],
             },
         ],
@@ -343,10 +379,15 @@ def test_squad_paragraphs_and_articles(tmp_path):
 def test_squad_v2_unanswerable_and_max_questions(tmp_path):
     data = _squad_v1()
     data["version"] = "v2.0"
-    data["data"][1]["paragraphs"][0]["qas"].append({
-        "id": "q5", "question": "Capital of Mars?", "answers": [], "is_impossible": True,
-        "plausible_answers": [{"text": "Warsaw", "answer_start": 0}],
-    })
+    data["data"][1]["paragraphs"][0]["qas"].append(
+        {
+            "id": "q5",
+            "question": "Capital of Mars?",
+            "answers": [],
+            "is_impossible": True,
+            "plausible_answers": [{"text": "Warsaw", "answer_start": 0}],
+        }
+    )
     path = _write_json(tmp_path / "dev-v2.0.json", data)
     docs, qa, report = readers.read_squad(path)
     assert [q.id for q in qa] == ["q1", "q3", "q4"]
@@ -360,8 +401,25 @@ def test_squad_v2_unanswerable_and_max_questions(tmp_path):
 
 def test_squad_directory_and_errors(tmp_path):
     _write_json(tmp_path / "a.json", _squad_v1())
-    other = {"data": [{"title": "Oslo", "paragraphs": [{"context": "Oslo is in Norway.", "qas": [
-        {"id": "o1", "question": "Where is Oslo?", "answers": [{"text": "Norway", "answer_start": 11}]}]}]}]}
+    other = {
+        "data": [
+            {
+                "title": "Oslo",
+                "paragraphs": [
+                    {
+                        "context": "Oslo is in Norway.",
+                        "qas": [
+                            {
+                                "id": "o1",
+                                "question": "Where is Oslo?",
+                                "answers": [{"text": "Norway", "answer_start": 11}],
+                            }
+                        ],
+                    }
+                ],
+            }
+        ]
+    }
     _write_json(tmp_path / "b.json", other)
     docs, qa, report = readers.read_squad(tmp_path)
     assert report.files_read == 2 and [q.id for q in qa][-1] == "o1"
@@ -404,8 +462,14 @@ def test_folder_documents(tmp_path):
 def test_folder_qa_jsonl_bad_lines_reported_rest_read(tmp_path):
     root = _folder(tmp_path / "docs")
     lines = [
-        json.dumps({"id": "x1", "question": "What is alpha?", "answers": ["the first letter", "first"],
-                    "doc_ids": ["a.md", "nope.md"]}),
+        json.dumps(
+            {
+                "id": "x1",
+                "question": "What is alpha?",
+                "answers": ["the first letter", "first"],
+                "doc_ids": ["a.md", "nope.md"],
+            }
+        ),
         '{"question": "broken", "answers": [',
         json.dumps({"question": "No answers key?"}),
         "",

@@ -41,16 +41,25 @@ def new_retriever_run(data, cfg):
 
 
 def load_retriever_run(data, directory, cfg, overrides=None):
-    model, found = T.load_or_init(directory, "retriever", R.Retriever, R.ModelArgs, {"vocab_size": data.vocab_size},
-                                  overrides or {}, data.tokenizer_sha1, log=quiet)
+    model, found = T.load_or_init(
+        directory,
+        "retriever",
+        R.Retriever,
+        R.ModelArgs,
+        {"vocab_size": data.vocab_size},
+        overrides or {},
+        data.tokenizer_sha1,
+        log=quiet,
+    )
     optimizer = T.make_optimizer(cfg)
     T.restore_optimizer(optimizer, model, found.optimizer_state)
     return model, optimizer, found
 
 
 def save_retriever(data, directory, model, optimizer, step, cfg) -> str:
-    return T.save_state(directory, "retriever", model, optimizer, step, cfg, {}, {"tokenizer_sha1": data.tokenizer_sha1},
-                        None)
+    return T.save_state(
+        directory, "retriever", model, optimizer, step, cfg, {}, {"tokenizer_sha1": data.tokenizer_sha1}, None
+    )
 
 
 # ------------------------------------------------------------------ checkpoints through training.py
@@ -85,8 +94,9 @@ class Crash(Exception):
 @pytest.mark.parametrize("compile", [False, True])
 def test_resume_continues_exactly_like_an_uninterrupted_run(data, tmp_path, compile):
     N = 12
-    cfg = T.TrainConfig(batch_size=8, num_iters=N, lr_warmup=3, learning_rate=3e-3, steps_per_report=1,
-                        steps_per_eval=1)
+    cfg = T.TrainConfig(
+        batch_size=8, num_iters=N, lr_warmup=3, learning_rate=3e-3, steps_per_report=1, steps_per_eval=1
+    )
     batches = R.ContrastiveBatches(data, data.split_indices("train", answerable=True), 8, 8, seed=0)
 
     def run(model, optimizer, start, directory=None, crash_at=None):
@@ -141,8 +151,9 @@ def test_resume_guards(data, tmp_path):
         T.load_or_init(*args, {}, data.tokenizer_sha1, identifier="abcdef123", log=quiet)
 
     # the saved value itself, None (flag not given) and gradient checkpointing are not conflicts
-    same, found = T.load_or_init(*args, {"dim": 32, "num_heads": None, "checkpoint": True}, data.tokenizer_sha1,
-                                 log=quiet)
+    same, found = T.load_or_init(
+        *args, {"dim": 32, "num_heads": None, "checkpoint": True}, data.tokenizer_sha1, log=quiet
+    )
     assert found.id == cid and same.args.checkpoint is True
     # --new_model ignores the checkpoint (and so its tokenizer)
     fresh, none = T.load_or_init(*args, {"dim": 64, "num_heads": 4}, "0" * 40, new_model=True, log=quiet)
@@ -169,8 +180,9 @@ def test_retriever_learns_on_a_tiny_corpus(tmp_path):
     train_ids = data.split_indices("train", answerable=True)
     held = np.concatenate([data.split_indices("valid", answerable=True), data.split_indices("test", answerable=True)])
     random_recall = 5 / len(data.chunks)
-    cfg = T.TrainConfig(batch_size=16, num_iters=60, lr_warmup=5, learning_rate=3e-3, steps_per_report=60,
-                        steps_per_eval=1000)
+    cfg = T.TrainConfig(
+        batch_size=16, num_iters=60, lr_warmup=5, learning_rate=3e-3, steps_per_report=60, steps_per_eval=1000
+    )
     model, optimizer = new_retriever_run(data, cfg)
     before = chunk_index.evaluate(model, data, train_ids)["recall@5"]
     batches = R.ContrastiveBatches(data, train_ids, 16, 0, seed=0)
@@ -187,13 +199,25 @@ def test_generator_training_loss_falls(data):
     rng = np.random.default_rng(0)
     # two passages per question: a labelled answer chunk and a random one
     retrieved = np.stack([[int(data.positives(int(q))[0]), int(rng.integers(len(data.chunks)))] for q in train_ids])
-    cfg = T.TrainConfig(batch_size=8, num_iters=30, lr_warmup=3, learning_rate=3e-3, steps_per_report=1,
-                        steps_per_eval=1)
+    cfg = T.TrainConfig(
+        batch_size=8, num_iters=30, lr_warmup=3, learning_rate=3e-3, steps_per_report=1, steps_per_eval=1
+    )
     model = tiny_generator(data.vocab_size, max_answer_tokens=int(data.answers.shape[1]))
     optimizer = T.make_optimizer(cfg)
     losses = []
-    T.fit(model, optimizer, cfg, G.seq2seq_loss, G.FiDBatches(data, train_ids, retrieved, 8, seed=0), 0, no_eval,
-          lambda s, m: losses.append(m["train_loss"]), "tok_acc", log=quiet, compile=False)
+    T.fit(
+        model,
+        optimizer,
+        cfg,
+        G.seq2seq_loss,
+        G.FiDBatches(data, train_ids, retrieved, 8, seed=0),
+        0,
+        no_eval,
+        lambda s, m: losses.append(m["train_loss"]),
+        "tok_acc",
+        log=quiet,
+        compile=False,
+    )
     assert len(losses) == 30 and all(np.isfinite(losses))
     first, last = np.mean(losses[:10]), np.mean(losses[-10:])
     assert last < 0.85 * first, f"loss {first:.3f} -> {last:.3f}"
@@ -207,8 +231,18 @@ def interrupt_run(data, make_batch, loss_fn):
     model, optimizer = new_retriever_run(data, cfg)
     saves, logs = [], []
     previous = signal.getsignal(signal.SIGINT)
-    T.fit(model, optimizer, cfg, loss_fn, make_batch, 0, no_eval,
-          lambda s, m: saves.append((s, int(np.array(optimizer.state["step"])))), log=logs.append, compile=False)
+    T.fit(
+        model,
+        optimizer,
+        cfg,
+        loss_fn,
+        make_batch,
+        0,
+        no_eval,
+        lambda s, m: saves.append((s, int(np.array(optimizer.state["step"])))),
+        log=logs.append,
+        compile=False,
+    )
     assert signal.getsignal(signal.SIGINT) is previous, "the previous SIGINT handler is restored"
     return saves, logs
 
@@ -257,8 +291,18 @@ def test_sigint_while_preparing_a_batch_stops_training_and_saves_once(data):
     cfg = T.TrainConfig(batch_size=8, num_iters=20, lr_warmup=1, steps_per_report=100, steps_per_eval=100)
     model, optimizer = new_retriever_run(data, cfg)
     saves = []
-    T.fit(model, optimizer, cfg, loss_fn, make_batch, 0, no_eval,
-          lambda s, m: saves.append((s, int(np.array(optimizer.state["step"])))), log=log, compile=False)
+    T.fit(
+        model,
+        optimizer,
+        cfg,
+        loss_fn,
+        make_batch,
+        0,
+        no_eval,
+        lambda s, m: saves.append((s, int(np.array(optimizer.state["step"])))),
+        log=log,
+        compile=False,
+    )
     assert len(saves) == 1
     step, optimizer_step = saves[0]
     assert step in (k, k + 1) and optimizer_step == step
