@@ -22,7 +22,7 @@ def embed(model, tokens: np.ndarray, batch_size: int = 256, progress: bool = Fal
     if progress:
         from tqdm import tqdm
 
-        rng = tqdm(rng, desc="embedding chunks", unit="batch", leave=False)
+        rng = tqdm(rng, desc="embedding chunks", unit="batch", leave=False, disable=None)  # None: off when not a TTY
     for i in rng:
         e = model(mx.array(np.asarray(tokens[i : i + batch_size])))
         mx.eval(e)

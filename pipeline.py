@@ -109,7 +109,6 @@ def get_retriever(args, data, train: bool):
     """Train/resume the retriever (or only load it), then its cached chunk index."""
     import index as chunk_index
     import retriever
-    import training as T
 
     directory = checkpoint_dir(args)
     if train:
@@ -126,21 +125,7 @@ def get_retriever(args, data, train: bool):
             local_negatives=getattr(args, "local_negatives", False),
         )
     else:
-        model, found = T.load_or_init(
-            directory,
-            "retriever",
-            retriever.Retriever,
-            retriever.ModelArgs,
-            {"vocab_size": data.vocab_size},
-            {},
-            data.tokenizer_sha1,
-            args.retriever_identifier,
-            False,
-            verb="using",
-        )
-        if found is None:
-            raise T.UsageError(f"no retriever checkpoint in {directory}: train one with --target retriever")
-        rid = found.id
+        model, rid = load_trained(directory, "retriever", retriever, data, args.retriever_identifier, "retriever")
     index = chunk_index.load_or_build(
         model,
         rid,
@@ -164,13 +149,12 @@ def _train_defaults(directory, ckpt_type: str, iters_key: str, new_model: bool) 
     return d
 
 
-def retrieve_all(model, data, index, k: int, batch_size: int = 512):
-    """Top-k chunk ids and scores for every question of the dataset, in batches."""
+def retrieve(model, data, index, k: int, ids: np.ndarray | None = None, batch_size: int = 512):
+    """Top-k chunk scores and ids for the questions `ids` (default: every question), in batches."""
     import index as chunk_index
 
-    q = chunk_index.embed(model, data.questions, batch_size=batch_size)
-    scores, ids = chunk_index.search(q, index, k)
-    return scores, ids
+    questions = data.questions if ids is None else data.questions[ids]
+    return chunk_index.search(chunk_index.embed(model, questions, batch_size=batch_size), index, k)
 
 
 def random_chunks(data, n: int, k: int, seed: int) -> np.ndarray:
@@ -179,7 +163,6 @@ def random_chunks(data, n: int, k: int, seed: int) -> np.ndarray:
 
 def get_generator(args, data, retrieved, rid, train: bool):
     import generator
-    import training as T
 
     directory = checkpoint_dir(args)
     overrides = dict(model_overrides(args), num_decoder_blocks=args.num_blocks)
@@ -200,20 +183,18 @@ def get_generator(args, data, retrieved, rid, train: bool):
             compile=args.use_compile,
         )
         return model, gid
-    model, found = T.load_or_init(
-        directory,
-        "generator",
-        generator.Generator,
-        generator.ModelArgs,
-        {"vocab_size": data.vocab_size},
-        {},
-        data.tokenizer_sha1,
-        args.identifier,
-        False,
-        verb="using",
-    )
+    return load_trained(directory, "generator", generator, data, args.identifier, "all")
+
+
+def load_trained(directory, ckpt_type: str, module, data, identifier: str | None, target: str):
+    """A trained model for inference or evaluation: (model, checkpoint id), or a usage error if there is none."""
+    model_cls = module.Retriever if ckpt_type == "retriever" else module.Generator
+    model, found = training.load_or_init(
+        directory, ckpt_type, model_cls, module.ModelArgs, {"vocab_size": data.vocab_size}, {},
+        data.tokenizer_sha1, identifier, False, verb="using",
+    )  # fmt: skip
     if found is None:
-        raise T.UsageError(f"no generator checkpoint in {directory}: train one with --target all")
+        raise training.UsageError(f"no {ckpt_type} checkpoint in {directory}: train one with --target {target}")
     return model, found.id
 
 
@@ -234,7 +215,7 @@ def summarise(args, data, retr, index, gen, split: str = "test", max_questions: 
     relevant = [set(data.positives(int(i)).tolist()) for i in answerable]
     report["random_recall@5"] = recall_at_k(random_chunks(data, len(answerable), 5, args.seed), relevant, ks=(5,))[5]
     if gen is not None:
-        _, top = retrieve_for(retr, data, ids, index, args.top_k)
+        _, top = retrieve(retr, data, index, args.top_k, ids)
         em_r, _ = generator.answer_metrics(gen, data, ids, top)
         em_x, _ = generator.answer_metrics(gen, data, ids, random_chunks(data, len(ids), args.top_k, args.seed))
         report.update(
@@ -246,13 +227,6 @@ def summarise(args, data, retr, index, gen, split: str = "test", max_questions: 
     return report
 
 
-def retrieve_for(model, data, ids, index, k):
-    import index as chunk_index
-
-    q = chunk_index.embed(model, data.questions[ids])
-    return chunk_index.search(q, index, k)
-
-
 def show_samples(data, retr, index, gen, args, n: int = 3) -> None:
     """A few test questions with their retrieved chunks and generated answers."""
     import generator
@@ -260,7 +234,7 @@ def show_samples(data, retr, index, gen, args, n: int = 3) -> None:
     ids = data.split_indices("test")[:n]
     if len(ids) == 0:
         return
-    scores, top = retrieve_for(retr, data, ids, index, args.top_k)
+    scores, top = retrieve(retr, data, index, args.top_k, ids)
     answers = generator.greedy_answers(gen, generator.build_passages(data, data.questions[ids], top))
     for i, q in enumerate(ids):
         qa = data.qa[int(q)]
@@ -298,7 +272,7 @@ def run(args: argparse.Namespace) -> int:
             return inference.loop(data, retr, index, None, args)
         summarise(args, data, retr, index, None)
         return 0
-    _, retrieved = retrieve_all(retr, data, index, args.top_k)
+    _, retrieved = retrieve(retr, data, index, args.top_k)
     gen, _ = get_generator(args, data, retrieved, rid, train)
     if not dist.is_main():  # samples and test metrics: rank 0 only
         return 0
