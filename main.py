@@ -49,8 +49,8 @@ def build_parser() -> argparse.ArgumentParser:
         "--compile",
         choices=("auto", "yes", "no"),
         default="auto",
-        help="mx.compile the training step; auto = on the GPU only (on the CPU, MLX's compiled "
-        "elementwise kernels measured slower than its built-in ones)",
+        help="mx.compile the training step; auto = on the GPU only (on the CPU it needs g++ and measured no "
+        "faster at the default model size; try yes for larger models)",
     )
 
     g = p.add_argument_group("data")
