@@ -193,6 +193,28 @@ def _safe_relative(filename: str) -> bool:
     return bool(filename) and not p.is_absolute() and ".." not in p.parts
 
 
+# TriviaQA's field names: the official JSON files and the Hugging Face copy spell the same fields differently.
+_OFFICIAL_KEYS = ("QuestionId", "Question", "Answer", "Value", "Aliases", "NormalizedAliases")
+_HF_KEYS = ("question_id", "question", "answer", "value", "aliases", "normalized_aliases")
+
+
+def _triviaqa_question(item: dict, keys: tuple, where: str, report: "ReadReport"):
+    """(id, question, answers with every alias) of one TriviaQA record, or None (counted and reported)."""
+    id_key, question_key, answer_key, value_key, aliases_key, normalized_key = keys
+    qid, question = _text(item.get(id_key)), _text(item.get(question_key))
+    if not qid or not question:
+        report.malformed += 1
+        report.warn(f"{where}: missing {id_key} or {question_key}; skipped")
+        return None
+    answer = item.get(answer_key) if isinstance(item.get(answer_key), dict) else {}
+    answers = _answers([answer.get(value_key), *_list(answer.get(aliases_key)), *_list(answer.get(normalized_key))])
+    if not answers:
+        report.empty_answers += 1
+        report.warn(f"{where} ({qid}): no answer; skipped")
+        return None
+    return qid, question, answers
+
+
 def read_triviaqa_dir(
     root: str | os.PathLike, domains: tuple[str, ...] = ("wikipedia",), max_questions: int | None = None
 ) -> ReadResult:
@@ -261,18 +283,10 @@ def read_triviaqa_dir(
             for n, item in enumerate(items):
                 where = f"{path}: Data[{n}]"
                 item = item if isinstance(item, dict) else {}
-                qid, question = _text(item.get("QuestionId")), _text(item.get("Question"))
-                if not qid or not question:
-                    report.malformed += 1
-                    report.warn(f"{where}: missing QuestionId or Question; skipped")
+                parsed = _triviaqa_question(item, _OFFICIAL_KEYS, where, report)
+                if parsed is None:
                     continue
-                answer = item.get("Answer") if isinstance(item.get("Answer"), dict) else {}
-                aliases, normalized = _list(answer.get("Aliases")), _list(answer.get("NormalizedAliases"))
-                answers = _answers([answer.get("Value"), *aliases, *normalized])
-                if not answers:
-                    report.empty_answers += 1
-                    report.warn(f"{where} ({qid}): no answer; skipped")
-                    continue
+                qid, question, answers = parsed
                 doc_ids: list[str] = []
                 for key, kind in _TRIVIAQA_EVIDENCE:
                     for page in _evidence_entries(item.get(key)):
@@ -390,18 +404,10 @@ def read_triviaqa_hf(
             report.files_read += 1
             for n, row in enumerate(rows):
                 where = f"trivia_qa {config} {split}[{n}]"
-                qid, question = _text(row.get("question_id")), _text(row.get("question"))
-                if not qid or not question:
-                    report.malformed += 1
-                    report.warn(f"{where}: missing question_id or question; skipped")
+                parsed = _triviaqa_question(row, _HF_KEYS, where, report)
+                if parsed is None:
                     continue
-                answer = row.get("answer") if isinstance(row.get("answer"), dict) else {}
-                aliases, normalized = _list(answer.get("aliases")), _list(answer.get("normalized_aliases"))
-                answers = _answers([answer.get("value"), *aliases, *normalized])
-                if not answers:
-                    report.empty_answers += 1
-                    report.warn(f"{where} ({qid}): no answer; skipped")
-                    continue
+                qid, question, answers = parsed
                 doc_ids: list[str] = []
                 for key, kind, text_key in sources:
                     for page in _evidence_entries(row.get(key)):
