@@ -597,6 +597,30 @@ def machine() -> dict:
             "python": platform.python_version()}
 
 
+def blas_threads(path: str | None) -> int | None:
+    """Threads of the BLAS library at `path` (OpenBLAS or MKL), or None when it cannot say."""
+    import ctypes
+
+    if path is None:
+        return None
+    try:
+        lib = ctypes.CDLL(path, mode=os.RTLD_NOLOAD | os.RTLD_LAZY)
+    except OSError:
+        return None
+    for name in ("openblas_get_num_threads", "MKL_Get_Max_Threads"):
+        if hasattr(lib, name):
+            return int(getattr(lib, name)())
+    return None
+
+
+def set_threads(argv: list[str]) -> None:
+    """Apply --threads through the environment, before any BLAS or OpenMP runtime is loaded (or re-executed)."""
+    threads = build_parser().parse_known_args(argv)[0].threads
+    if threads is not None and threads > 0:
+        for var in ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS"):
+            os.environ[var] = str(threads)
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description="Benchmark our MLX models, search and pipeline against references.")
     p.add_argument("--quick", action="store_true",
@@ -607,6 +631,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--profile", action="store_true", help="also break the dim-256 MLX training steps down")
     p.add_argument("--main_args", default="", help="extra flags for the main.py runs, e.g. \"--num_iters 100\"")
     p.add_argument("--no_torch_compile", action="store_true", help="skip the torch.compile reference")
+    p.add_argument("--threads", type=int, default=None,
+                   help="threads for both frameworks (OMP/OPENBLAS/MKL_NUM_THREADS, set before MLX's BLAS or torch "
+                        "load); default: each library's own (all cores)")
     p.add_argument("--repeats", type=int, default=3, help="timed samples per measurement (the median is kept)")
     p.add_argument("--only", default="train,search,decode,embed,main",
                    help="comma-separated figures to run: train,search,decode,embed,main")
@@ -620,6 +647,7 @@ def main(argv: list[str], blas_line: str) -> int:
     sizes = ["small"] if args.quick else args.sizes.split(",")
     unknown = figures - {"train", "search", "decode", "embed", "main"}
     problem = (f"--only: unknown figure(s) {sorted(unknown)}" if unknown else
+               "--threads must be positive" if args.threads is not None and args.threads <= 0 else
                f"--sizes: expected small and/or large, got {args.sizes!r}" if not set(sizes) <= set(SIZES) else
                "--repeats must be positive" if args.repeats <= 0 else None)
     if problem:
@@ -673,6 +701,7 @@ def main(argv: list[str], blas_line: str) -> int:
         "startup": blas_line,
         "torch_blas": info["torch_blas"],
         "torch_threads": info["threads"],
+        "mlx_blas_threads": blas_threads(fastpath.mlx_blas_library()),
         "load_average": {"start": load_start, "end": os.getloadavg()},
         "wall_s": time.perf_counter() - started,
         "protocol": {"warmup_steps": cfg["warmup"], "steps_per_sample": cfg["steps"], "samples": cfg["repeats"],
@@ -697,6 +726,7 @@ if __name__ == "__main__":
         sys.exit(0)
     import fastpath
 
+    set_threads(sys.argv[1:])
     line = fastpath.ensure_fast_blas(sys.argv)  # may re-exec this process with a fast BLAS preloaded
     print(line, flush=True)
     sys.exit(main(sys.argv[1:], line))
