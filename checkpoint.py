@@ -113,12 +113,32 @@ def _replace_or_discard(tmp: Path, final: Path) -> None:
         raise
 
 
-def atomic_write_bytes(path: str | Path, data: bytes) -> None:
-    """Write `data` to `path` so that `path` only ever holds the old or the complete new content."""
+def atomic_write_with(path: str | Path, write: Callable[[Any], None]) -> None:
+    """Fill `path` through `write(f)` on an open binary file, so that `path` only ever holds the old or the
+    complete new content."""
     path = Path(path)
     _ensure_dir(path.parent)
-    tmp = _write_temp(path.parent, "-" + path.name, lambda f: f.write(data))
-    _replace_or_discard(tmp, path)
+    _replace_or_discard(_write_temp(path.parent, "-" + path.name, write), path)
+
+
+def atomic_write_path(path: str | Path, write_to: Callable[[Path], None]) -> None:
+    """The same for writers that need a file name (a library's `save(path)`): they write a temp name in the
+    same folder, which is fsynced and renamed onto `path`."""
+    path = Path(path)
+    _ensure_dir(path.parent)
+    tmp = _temp_path(path.parent, "-" + path.name)
+    try:
+        write_to(tmp)
+        with open(tmp, "rb") as f:
+            os.fsync(f.fileno())
+        _replace_or_discard(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+def atomic_write_bytes(path: str | Path, data: bytes) -> None:
+    """Write `data` to `path` so that `path` only ever holds the old or the complete new content."""
+    atomic_write_with(path, lambda f: f.write(data))
 
 
 def _json_bytes(obj: Any, what: str) -> bytes:

@@ -113,8 +113,7 @@ def save_sharded(directory: str | Path, name: str, embeddings: mx.array, num_sha
     for i in range(num_shards):
         start, stop = dist.shard_bounds(len(emb), i, num_shards)
         path = directory / f"{name}.embedding-{i}-of-{num_shards}.npy"
-        tmp = ckpt._write_temp(directory, "-" + path.name, lambda f, a=emb[start:stop]: np.save(f, a))
-        ckpt._replace_or_discard(tmp, path)
+        ckpt.atomic_write_with(path, lambda f, a=emb[start:stop]: np.save(f, a))
         files.append({"file": path.name, "rows": stop - start})
     manifest = manifest_path(directory, name)
     ckpt.atomic_write_json(
@@ -309,12 +308,7 @@ def load_or_build_approximate(
         "build_seconds": built,
     }
     if dist.is_main():
-        tmp = ckpt._temp_path(directory, "-" + path.name)
-        try:
-            _approximate_write(kind, backend, tmp)
-            ckpt._replace_or_discard(tmp, path)
-        finally:
-            tmp.unlink(missing_ok=True)
+        ckpt.atomic_write_path(path, lambda tmp: _approximate_write(kind, backend, tmp))
         ckpt.atomic_write_json(meta_path, meta)  # last: marks the cache complete
     return index
 
