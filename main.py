@@ -50,7 +50,7 @@ def build_parser() -> argparse.ArgumentParser:
         choices=("auto", "yes", "no"),
         default="auto",
         help="mx.compile the training step; auto = on the GPU only (on the CPU it needs g++ and measured no "
-        "faster at the default model size; try yes for larger models)",
+        "faster at dim 128 or 256)",
     )
 
     g = p.add_argument_group("data")
