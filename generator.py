@@ -11,6 +11,7 @@ import numpy as np
 
 from datasets import BOS_ID, EOS_ID, PAD_ID, Dataset
 from training import UsageError
+import kernels
 from layers import NEG_INF, DecoderBlock, Encoder, check_dims, init_embedding, padding_mask
 
 
@@ -60,7 +61,7 @@ class Pointer(nn.Module):
             if cache is not None:
                 cache["k"] = k
         scores = (self.q_proj(h) * self.scale) @ k.transpose(0, 2, 1) + memory.mask[:, 0]
-        return mx.softmax(scores, axis=-1), mx.sigmoid(self.gate(h))
+        return kernels.softmax(scores), mx.sigmoid(self.gate(h))
 
 
 class Generator(nn.Module):
@@ -87,8 +88,9 @@ class Generator(nn.Module):
         h = self.encoder(self.embed(flat), padding_mask(valid))
         return Memory(h.reshape(B, P * L, -1), padding_mask(valid.reshape(B, P * L)), passages.reshape(B, P * L))
 
-    def decode(self, tokens: mx.array, memory: Memory, cache: list | None = None) -> mx.array:
-        """tokens [B, T] -> log-probabilities [B, T, V]. With a cache, only the new tokens are passed in."""
+    def decode(self, tokens: mx.array, memory: Memory, cache: list | None = None, log: bool = True) -> mx.array:
+        """tokens [B, T] -> log-probabilities [B, T, V] (probabilities with `log=False`). With a cache, only the
+        new tokens are passed in."""
         x = self.embed(tokens)
         T = x.shape[1]
         if cache is None or T > 1:
@@ -101,7 +103,8 @@ class Generator(nn.Module):
         h = self.norm(x)
         logits = self.embed.as_linear(h)
         if not self.args.copy:
-            return logits - mx.logsumexp(logits, axis=-1, keepdims=True)
+            logp = logits - kernels.logsumexp(logits)
+            return logp if log else mx.exp(logp)
         attn, gate = self.pointer(h, memory, None if cache is None else cache[-1])
         B, T, S = attn.shape
         # Scatter the copy attention onto the vocabulary ids of the memory tokens: [B, T, V].
@@ -109,8 +112,8 @@ class Generator(nn.Module):
         t = mx.broadcast_to(mx.arange(T)[None, :, None], (B, T, S))
         v = mx.broadcast_to(memory.tokens[:, None, :], (B, T, S))
         copy = mx.zeros(logits.shape, dtype=attn.dtype).at[b, t, v].add(attn)
-        probs = (1 - gate) * mx.softmax(logits, axis=-1) + gate * copy
-        return mx.log(probs + 1e-9)
+        probs = (1 - gate) * kernels.softmax(logits) + gate * copy
+        return mx.log(probs + 1e-9) if log else probs
 
     def __call__(self, passages: mx.array, answer_in: mx.array) -> mx.array:
         return self.decode(answer_in, self.encode(passages))
@@ -188,13 +191,15 @@ def greedy_answers(
 
 
 def seq2seq_loss(model: Generator, passages, answer_in, answer_out):
-    """Teacher-forced negative log-likelihood of the answer tokens; PAD targets are masked out."""
-    logp = model(passages, answer_in)
+    """Teacher-forced negative log-likelihood of the answer tokens; PAD targets are masked out. With the copy
+    head the log is taken of the target tokens' probabilities only, not of the whole [B, T, V] mixture."""
+    out = model.decode(answer_in, model.encode(passages), log=not model.args.copy)
+    picked = mx.take_along_axis(out, answer_out[..., None], axis=-1).squeeze(-1)
+    nll = -mx.log(picked + 1e-9) if model.args.copy else -picked
     mask = answer_out != PAD_ID
-    nll = -mx.take_along_axis(logp, answer_out[..., None], axis=-1).squeeze(-1)
     ntok = mask.sum()
     loss = (nll * mask).sum() / mx.maximum(ntok, 1)
-    acc = ((mx.argmax(logp, axis=-1) == answer_out) * mask).sum() / mx.maximum(ntok, 1)
+    acc = ((mx.argmax(out, axis=-1) == answer_out) * mask).sum() / mx.maximum(ntok, 1)
     return loss, (acc, ntok)
 
 

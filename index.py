@@ -39,18 +39,27 @@ def embed_distributed(model, tokens: np.ndarray, batch_size: int = 256, progress
     return dist.all_gather_rows(local)
 
 
-def search(queries: mx.array, index, k: int, batch_size: int = 1024) -> tuple[np.ndarray, np.ndarray]:
-    """Exact top-k by inner product for many queries at once: one matmul and a partial sort per batch.
+def search(queries: mx.array, index, k: int, max_scores: int = 1 << 23) -> tuple[np.ndarray, np.ndarray]:
+    """Exact top-k by inner product for many queries at once, best first.
 
+    Tiles of at most `max_scores` scores (a block of queries x a block of index rows, small enough to stay in
+    cache): one matmul and a two-stage partial sort (`topk_rows`) per tile, then a merge of the tiles' top-k.
     `index` is an [N, E] array, or a `ShardedIndex` / approximate index (anything with `.search`)."""
     if not isinstance(index, mx.array):
         return index.search(queries, k)
-    k = min(k, index.shape[0])
+    N = index.shape[0]
+    k = min(k, N)
+    query_block = int(np.clip(max_scores // max(N, 1), 64, 4096))
+    row_block = max(max_scores // query_block, k)
     all_scores, all_ids = [], []
-    for i in range(0, queries.shape[0], batch_size):
-        scores = queries[i : i + batch_size] @ index.T
-        ids = mx.argpartition(-scores, kth=k - 1, axis=1)[:, :k]
-        top = mx.take_along_axis(scores, ids, axis=1)
+    for i in range(0, queries.shape[0], query_block):
+        block = queries[i : i + query_block]
+        tiles = [topk_rows(block @ index[j : j + row_block].T, min(k, N - j)) for j in range(0, N, row_block)]
+        ids = mx.concatenate([t_ids + j for (t_ids, _), j in zip(tiles, range(0, N, row_block))], axis=1)
+        top = mx.concatenate([t_top for _, t_top in tiles], axis=1)
+        if len(tiles) > 1:
+            best = mx.argpartition(-top, kth=k - 1, axis=1)[:, :k]
+            ids, top = mx.take_along_axis(ids, best, axis=1), mx.take_along_axis(top, best, axis=1)
         order = mx.argsort(-top, axis=1)
         ids, top = mx.take_along_axis(ids, order, axis=1), mx.take_along_axis(top, order, axis=1)
         mx.eval(ids, top)
@@ -59,6 +68,32 @@ def search(queries: mx.array, index, k: int, batch_size: int = 1024) -> tuple[np
     if not all_ids:
         return np.zeros((0, k), np.float32), np.zeros((0, k), np.int64)
     return np.concatenate(all_scores), np.concatenate(all_ids).astype(np.int64)
+
+
+def topk_rows(scores: mx.array, k: int, group: int = 64) -> tuple[mx.array, mx.array]:
+    """The k largest entries of each row of `scores` [Q, N] (ids and values, unordered), exactly.
+
+    A partial sort of all Q x N scores runs on one core and costs far more than the matmul that made them. So:
+    split each row into groups of `group` columns and take each group's maximum (one vectorised pass); the k
+    groups with the largest maxima hold the top k (a group holding a top-k entry has a maximum at least the
+    k-th best score, and at most k groups can), so the partial sort runs over N / group maxima and then over
+    the k x group candidates of the chosen groups."""
+    Q, N = scores.shape
+    num_groups = N // group
+    if num_groups <= 2 * k:
+        ids = mx.argpartition(-scores, kth=k - 1, axis=1)[:, :k]
+        return ids, mx.take_along_axis(scores, ids, axis=1)
+    whole = num_groups * group
+    maxima = scores[:, :whole].reshape(Q, num_groups, group).max(axis=2)
+    if whole < N:  # the columns left over form one short last group
+        maxima = mx.concatenate([maxima, scores[:, whole:].max(axis=1, keepdims=True)], axis=1)
+    groups = mx.argpartition(-maxima, kth=k - 1, axis=1)[:, :k]
+    cols = (groups[:, :, None] * group + mx.arange(group)[None, None, :]).reshape(Q, k * group)
+    inside = cols < N  # the short last group's candidates past the end
+    cols = mx.minimum(cols, N - 1)
+    candidates = mx.where(inside, mx.take_along_axis(scores, cols, axis=1), -mx.inf)
+    best = mx.argpartition(-candidates, kth=k - 1, axis=1)[:, :k]
+    return mx.take_along_axis(cols, best, axis=1), mx.take_along_axis(candidates, best, axis=1)
 
 
 def index_path(directory: str | Path, retriever_id: str) -> Path:

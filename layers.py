@@ -1,7 +1,7 @@
 """Transformer building blocks shared by the retriever and the generator.
 
 Pre-norm blocks with fused projections (one QKV matmul, one KV matmul for cross-attention) and
-`mx.fast.scaled_dot_product_attention` over all heads at once, so the CPU sees few, large GEMMs.
+attention over all heads at once (`kernels.attention`), so the CPU sees few, large GEMMs.
 """
 
 from __future__ import annotations
@@ -10,6 +10,8 @@ import math
 
 import mlx.core as mx
 import mlx.nn as nn
+
+from kernels import attention
 
 # Additive mask value: large enough to zero a softmax weight, small enough to stay finite in fp16.
 NEG_INF = -1e9
@@ -48,7 +50,7 @@ class SelfAttention(nn.Module):
                 k = mx.concatenate([cache["k"], k], axis=2)
                 v = mx.concatenate([cache["v"], v], axis=2)
             cache["k"], cache["v"] = k, v
-        o = mx.fast.scaled_dot_product_attention(q, k, v, scale=self.scale, mask=mask)
+        o = attention(q, k, v, self.scale, mask)
         return self.out_proj(o.transpose(0, 2, 1, 3).reshape(B, L, D))
 
 
@@ -73,7 +75,7 @@ class CrossAttention(nn.Module):
             k, v = (t.reshape(B, S, self.num_heads, -1).transpose(0, 2, 1, 3) for t in (k, v))
             if cache is not None:
                 cache["k"], cache["v"] = k, v
-        o = mx.fast.scaled_dot_product_attention(q, k, v, scale=self.scale, mask=mask)
+        o = attention(q, k, v, self.scale, mask)
         return self.out_proj(o.transpose(0, 2, 1, 3).reshape(B, L, D))
 
 

@@ -119,9 +119,9 @@ def run_ann(rows: int, usearch_rows: int, dim: int = 64, queries: int = 1000, k:
     q = rng.standard_normal((queries, dim), dtype=np.float32)
     q /= np.linalg.norm(q, axis=1, keepdims=True)
     emb_mx, q_mx = mx.array(emb), mx.array(q)
-    _, exact_ids = chunk_index.search(q_mx, emb_mx, k, batch_size=250)
+    _, exact_ids = chunk_index.search(q_mx, emb_mx, k)
     out = {"rows": rows, "dim": dim, "queries": queries, "k": k, "index_mib_fp32": emb.nbytes / 2**20}
-    out["exact"] = {"batch_ms_per_query": 1e3 * timed(lambda: chunk_index.search(q_mx, emb_mx, k, batch_size=250))
+    out["exact"] = {"batch_ms_per_query": 1e3 * timed(lambda: chunk_index.search(q_mx, emb_mx, k))
                     / queries,
                     "single_query_ms": 1e3 * timed(lambda: chunk_index.search(q_mx[:1], emb_mx, k), 10),
                     "recall": 1.0}
@@ -137,7 +137,7 @@ def run_ann(rows: int, usearch_rows: int, dim: int = 64, queries: int = 1000, k:
     for kind, build in builders.items():
         # HNSW construction is slow on few cores: usearch indexes the first `usearch_rows` rows only.
         n = rows if kind == "faiss" else min(rows, usearch_rows)
-        exact_n = exact_ids if n == rows else chunk_index.search(q_mx, emb_mx[:n], k, batch_size=250)[1]
+        exact_n = exact_ids if n == rows else chunk_index.search(q_mx, emb_mx[:n], k)[1]
         try:
             tic = time.perf_counter()
             backend, params = build(emb[:n])
