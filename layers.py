@@ -73,7 +73,8 @@ class CrossAttention(nn.Module):
             S = memory.shape[1]
             k, v = mx.split(self.kv_proj(memory), 2, axis=-1)
             k, v = (t.reshape(B, S, self.num_heads, -1).transpose(0, 2, 1, 3) for t in (k, v))
-            if cache is not None:
+            if cache is not None:  # stored contiguous: every decoding step reads them, and a strided
+                k, v = mx.contiguous(k), mx.contiguous(v)  # view would be copied by each step's matmul
                 cache["k"], cache["v"] = k, v
         o = attention(q, k, v, self.scale, mask)
         return self.out_proj(o.transpose(0, 2, 1, 3).reshape(B, L, D))
