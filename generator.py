@@ -11,6 +11,7 @@ import numpy as np
 
 from datasets import BOS_ID, EOS_ID, PAD_ID, Dataset
 from training import UsageError
+import distributed as dist
 import kernels
 from layers import NEG_INF, DecoderBlock, Encoder, check_dims, init_embedding, padding_mask
 
@@ -346,4 +347,4 @@ def train(
         log(f"saved generator {state['id'][:12]} at step {step}")
 
     T.fit(model, optimizer, cfg, seq2seq_loss, batches, start, evaluate, save, "tok_acc", log, compile)
-    return model, state["id"]
+    return model, dist.broadcast_text(state["id"])  # only rank 0 saved; every rank needs the id

@@ -97,40 +97,63 @@ def topk_rows(scores: mx.array, k: int, group: int = 64) -> tuple[mx.array, mx.a
 
 
 def index_path(directory: str | Path, retriever_id: str) -> Path:
+    """The single-file cache `<id>.embedding.safetensors` of earlier versions (still read, no longer written)."""
     return Path(directory) / f"{retriever_id}.embedding.safetensors"
 
 
 def manifest_path(directory: str | Path, name: str) -> Path:
-    """The JSON that lists a sharded index's `<name>.embedding-<i>-of-<n>.npy` files (written last)."""
+    """The JSON that lists an index's `<name>.embedding-<i>-of-<n>.npy` shards (written last)."""
     return Path(directory) / f"{name}.embedding.json"
 
 
-class ShardedIndex:
-    """An exact index held as row shards (in memory, or memory-mapped .npy files searched one at a time).
+def shard_path(directory: str | Path, name: str, i: int, n: int) -> Path:
+    return Path(directory) / f"{name}.embedding-{i}-of-{n}.npy"
 
-    Each shard gives its own top-k; the union of the shards' top-k holds the global top-k, so merging them by
+
+# An index up to this size is read into memory once; a larger one stays memory-mapped and is searched a block of
+# rows at a time, so it may exceed RAM.
+IN_MEMORY_BYTES = 2 << 30
+ROWS_PER_BLOCK = 1 << 20
+
+
+class ShardedIndex:
+    """An exact index held as row shards: mx arrays in memory, or memory-mapped .npy files searched one block of
+    `rows_per_block` rows at a time.
+
+    Each block gives its own top-k; the union of the blocks' top-k holds the global top-k, so merging them by
     score is exact (ties aside)."""
 
-    def __init__(self, shards: list, in_memory: bool = True):
+    def __init__(self, shards: list, in_memory: bool = True, rows_per_block: int = ROWS_PER_BLOCK):
         if not shards:
             raise ValueError("a sharded index needs at least one shard")
         self.offsets = np.cumsum([0] + [len(s) for s in shards])
         self.shards = [s if isinstance(s, mx.array) or not in_memory else mx.array(np.asarray(s)) for s in shards]
         self.shape = (int(self.offsets[-1]), int(shards[0].shape[1]))
+        self.rows_per_block = rows_per_block
+
+    def blocks(self):
+        """(first row, mx block) pairs covering the index in order."""
+        for offset, shard in zip(self.offsets, self.shards):
+            if isinstance(shard, mx.array):
+                yield int(offset), shard
+                continue
+            for start in range(0, len(shard), self.rows_per_block):
+                yield int(offset) + start, mx.array(np.asarray(shard[start : start + self.rows_per_block]))
 
     def search(self, queries: mx.array, k: int) -> tuple[np.ndarray, np.ndarray]:
         k = min(k, self.shape[0])
+        if len(self.shards) == 1 and isinstance(self.shards[0], mx.array):
+            return search(queries, self.shards[0], k)
         scores, ids = [], []
-        for offset, shard in zip(self.offsets, self.shards):
-            if len(shard) == 0:
-                continue
-            s, i = search(queries, shard if isinstance(shard, mx.array) else mx.array(np.asarray(shard)), k)
-            scores.append(s)
-            ids.append(i + offset)
+        for offset, block in self.blocks():
+            if len(block):
+                s, i = search(queries, block, k)
+                scores.append(s)
+                ids.append(i + offset)
         return merge_topk(np.concatenate(scores, axis=1), np.concatenate(ids, axis=1), k)
 
     def to_array(self) -> mx.array:
-        return mx.concatenate([s if isinstance(s, mx.array) else mx.array(np.asarray(s)) for s in self.shards])
+        return mx.concatenate([block for _, block in self.blocks()])
 
 
 def merge_topk(scores: np.ndarray, ids: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
@@ -139,34 +162,48 @@ def merge_topk(scores: np.ndarray, ids: np.ndarray, k: int) -> tuple[np.ndarray,
     return np.take_along_axis(scores, order, axis=1), np.take_along_axis(ids, order, axis=1)
 
 
-def save_sharded(directory: str | Path, name: str, embeddings: mx.array, num_shards: int, retriever_id: str) -> Path:
-    """Write `embeddings` as `num_shards` contiguous .npy shards (atomic each) and then the manifest."""
-    directory = Path(directory)
-    directory.mkdir(parents=True, exist_ok=True)
+def write_shard(model, chunks, path: Path, batch_size: int = 256, progress: bool = False) -> None:
+    """Embed the token rows `chunks` straight into the .npy file `path`, one batch at a time (the file is
+    memory-mapped, so only a batch is ever in RAM), written atomically."""
+    from tqdm import tqdm
+
+    def fill(tmp: Path) -> None:
+        shape = (len(chunks), model.args.embedding_dim)
+        out = np.lib.format.open_memmap(tmp, mode="w+", dtype=np.float32, shape=shape)
+        starts = range(0, len(chunks), batch_size)
+        for i in tqdm(starts, desc="embedding chunks", unit="batch", leave=False, disable=None if progress else True):
+            out[i : i + batch_size] = np.array(model(mx.array(np.asarray(chunks[i : i + batch_size]))))
+        out.flush()
+        del out
+
+    ckpt.atomic_write_path(path, fill)
+
+
+def save_sharded(directory: str | Path, name: str, embeddings, num_shards: int, retriever_id: str) -> Path:
+    """Write in-memory `embeddings` as `num_shards` contiguous .npy shards (atomic each) and then the manifest."""
     emb = np.asarray(embeddings, dtype=np.float32)
-    files = []
     for i in range(num_shards):
-        start, stop = dist.shard_bounds(len(emb), i, num_shards)
-        path = directory / f"{name}.embedding-{i}-of-{num_shards}.npy"
-        ckpt.atomic_write_with(path, lambda f, a=emb[start:stop]: np.save(f, a))
-        files.append({"file": path.name, "rows": stop - start})
+        rows = emb[slice(*dist.shard_bounds(len(emb), i, num_shards))]
+        ckpt.atomic_write_with(shard_path(directory, name, i, num_shards), lambda f, a=rows: np.save(f, a))
+    return write_manifest(directory, name, retriever_id, len(emb), emb.shape[1], num_shards)
+
+
+def write_manifest(directory, name: str, retriever_id: str, num_chunks: int, dim: int, num_shards: int) -> Path:
+    """The manifest of a complete set of shards (written last: an index without it is never read)."""
+    bounds = [dist.shard_bounds(num_chunks, i, num_shards) for i in range(num_shards)]
+    files = [
+        {"file": shard_path(directory, name, i, num_shards).name, "rows": b - a} for i, (a, b) in enumerate(bounds)
+    ]
+    meta = {"retriever": retriever_id, "num_chunks": num_chunks, "dim": dim, "dtype": "float32", "shards": files}
     manifest = manifest_path(directory, name)
-    ckpt.atomic_write_json(
-        manifest,
-        {
-            "retriever": retriever_id,
-            "num_chunks": len(emb),
-            "dim": int(emb.shape[1]),
-            "dtype": "float32",
-            "shards": files,
-        },
-    )
+    ckpt.atomic_write_json(manifest, meta)
     return manifest
 
 
-def open_sharded(manifest: Path, retriever_id: str, num_chunks: int, in_memory: bool = True) -> ShardedIndex:
-    """Open a sharded index with its shards memory-mapped; ValueError if it belongs to another retriever or
-    corpus, or a shard is missing or the wrong size."""
+def open_sharded(manifest: Path, retriever_id: str, num_chunks: int, in_memory: bool | None = None) -> ShardedIndex:
+    """Open an index from its manifest, shards memory-mapped, and read into memory when `in_memory` (default:
+    when it is at most IN_MEMORY_BYTES). ValueError if it belongs to another retriever or corpus, or a shard is
+    missing or the wrong size."""
     import json
 
     meta = json.loads(manifest.read_text())
@@ -178,11 +215,14 @@ def open_sharded(manifest: Path, retriever_id: str, num_chunks: int, in_memory: 
         if arr.ndim != 2 or len(arr) != entry["rows"] or arr.shape[1] != meta["dim"]:
             raise ValueError(f"shard {entry['file']} has shape {arr.shape}, expected ({entry['rows']}, {meta['dim']})")
         shards.append(arr)
+    if in_memory is None:
+        in_memory = num_chunks * meta["dim"] * 4 <= IN_MEMORY_BYTES
     return ShardedIndex(shards, in_memory=in_memory)
 
 
 def _read_cache(directory: Path, name: str, retriever_id: str, num_chunks: int, log):
-    """The cached index called `name` (sharded or single file), or None when absent or unusable."""
+    """The cached index called `name` (sharded, or an earlier version's single file), or None when absent or
+    unusable."""
     manifest = manifest_path(directory, name)
     if manifest.is_file():
         try:
@@ -211,13 +251,13 @@ def load_or_build(
     embedding_identifier: str | None = None,
     kind: str = "exact",
 ):
-    """The chunk index of this retriever checkpoint: read from its cache, or built and cached atomically.
+    """The chunk index of this retriever checkpoint: read from its cache, or built and cached.
 
-    A cache whose metadata names another retriever, or with the wrong number of chunks, is rebuilt. One process
-    writes `<id>.embedding.safetensors`; under `mlx.launch` each rank embeds its share of the chunks, the shares
-    are gathered and rank 0 writes them as memory-mappable `.npy` shards plus `<id>.embedding.json` (either
-    form is read back by any number of processes). `kind` "faiss" or "usearch" returns an approximate index
-    built from (and cached beside) the exact embeddings."""
+    A cache whose metadata names another retriever, or with the wrong number of chunks, is rebuilt. The cache is
+    `<id>.embedding-<i>-of-<n>.npy` shards (one per process that built it) and `<id>.embedding.json`, written
+    last; any number of processes can read it back. Building streams each process's embeddings into its shard,
+    so an index larger than RAM can be built and searched. `kind` "faiss" or "usearch" returns an approximate
+    index built from (and cached beside) the exact embeddings."""
     if kind not in INDEX_KINDS:
         raise ValueError(f"--index must be one of {', '.join(INDEX_KINDS)}, got {kind!r}")
     directory = Path(directory)
@@ -236,26 +276,35 @@ def load_or_build(
     return load_or_build_approximate(emb, directory, name, retriever_id, kind, log)
 
 
-def _build(model, retriever_id: str, chunks: np.ndarray, directory: Path, log):
-    group, rank, size = dist.world()
+def _build(model, retriever_id: str, chunks: np.ndarray, directory: Path, log) -> ShardedIndex:
+    """Each rank embeds its contiguous share of the chunks into its own shard file; rank 0 writes the manifest.
+    Ranks whose folders are not shared (separate machines without a network folder) exchange their shards so
+    that every folder ends up complete (this fallback holds the whole index in memory)."""
+    _, rank, size = dist.world()
+    directory.mkdir(parents=True, exist_ok=True)
+    paths = [shard_path(directory, retriever_id, r, size) for r in range(size)]
+    start, stop = dist.shard_bounds(len(chunks), rank, size)
     tic = time.perf_counter()
-    emb = embed_distributed(model, chunks, progress=True)
+    write_shard(model, chunks[start:stop], paths[rank], progress=dist.is_main())
+    dist.barrier()
     elapsed = time.perf_counter() - tic
     log(
         f"index: embedded {len(chunks):,} chunks in {elapsed:.1f}s ({len(chunks) / max(elapsed, 1e-9):,.0f} chunks/s"
         + (f" over {size} processes)" if size > 1 else ")")
     )
-    if size == 1:
-        ckpt.atomic_save_safetensors(
-            index_path(directory, retriever_id),
-            {"embeddings": emb},
-            {"retriever": retriever_id, "num_chunks": str(len(chunks))},
-        )
-        return emb
-    if rank == 0:  # rank 0 holds every row after the gather, so its folder always gets a complete index
-        save_sharded(directory, retriever_id, emb, size, retriever_id)
+    dim = model.args.embedding_dim
+    shared = not dist.any_flag(not all(p.is_file() for p in paths))
+    if not shared:
+        log("index: the processes' folders are not shared; exchanging shards (the whole index in memory)")
+        everything = np.array(dist.all_gather_rows(mx.array(np.load(paths[rank]))))
+        for r, p in enumerate(paths):
+            if not p.is_file():
+                rows = everything[slice(*dist.shard_bounds(len(chunks), r, size))]
+                ckpt.atomic_write_with(p, lambda f, a=rows: np.save(f, a))
+    if rank == 0 or not shared:
+        write_manifest(directory, retriever_id, retriever_id, len(chunks), dim, size)
     dist.barrier()
-    return ShardedIndex([emb[slice(*dist.shard_bounds(len(emb), r, size))] for r in range(size)])
+    return open_sharded(manifest_path(directory, retriever_id), retriever_id, len(chunks))
 
 
 class ApproximateIndex:

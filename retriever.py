@@ -217,7 +217,7 @@ def train(
         ckpt_cleanup(directory)
     loss_fn, shard = parallel_loss(local_negatives)
     T.fit(model, optimizer, cfg, loss_fn, batches, start, evaluate, save, "acc", log, compile, shard_batch=shard)
-    return model, state["id"]
+    return model, dist.broadcast_text(state["id"])  # only rank 0 saved; every rank needs the id
 
 
 def parallel_loss(local_negatives: bool = False):

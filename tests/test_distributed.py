@@ -27,6 +27,7 @@ WORKER = textwrap.dedent("""
     import json, sys
     from pathlib import Path
     root, data_dir, out_dir, local = sys.argv[1], Path(sys.argv[2]), Path(sys.argv[3]), sys.argv[4] == "1"
+    separate = len(sys.argv) > 5  # every rank indexes into a folder of its own, as on machines sharing no disk
     sys.path.insert(0, root)
     import mlx.core as mx
     import numpy as np
@@ -44,7 +45,8 @@ WORKER = textwrap.dedent("""
     quiet = print if dist.is_main() else (lambda m: None)
     model, rid = R.train(data, ckdir, train, dict(dim=32, num_blocks=1, num_heads=2, embedding_dim=16),
                          new_model=True, eval_questions=16, compile=False, local_negatives=local, log=quiet)
-    index = chunk_index.load_or_build(model, rid, data.chunks, ckdir, log=quiet)
+    index_dir = out_dir / f"index-{dist.rank()}" if separate else ckdir
+    index = chunk_index.load_or_build(model, rid, data.chunks, index_dir, log=quiet)
     _, ids = chunk_index.search(chunk_index.embed(model, data.questions[:20]), index, 10)
     if dist.is_main():
         np.save(out_dir / "topk.npy", ids)
@@ -74,11 +76,12 @@ def _free_port_pair() -> int:
     raise RuntimeError("no free port pair on 127.0.0.1")
 
 
-def _run(tmp_path: Path, data_dir: Path, out: Path, ranks: int, local: bool = False) -> dict:
+def _run(tmp_path: Path, data_dir: Path, out: Path, ranks: int, local: bool = False, separate: bool = False) -> dict:
     script = tmp_path / "worker.py"
     script.write_text(WORKER)
     out.mkdir(parents=True, exist_ok=True)
     cmd = [sys.executable, str(script), str(ROOT), str(data_dir), str(out), "1" if local else "0"]
+    cmd += ["separate"] if separate else []
     if ranks > 1:
         cmd = [*_launcher(), "-n", str(ranks), "--backend", "ring", "-p", str(_free_port_pair()), "--", *cmd]
     env = dict(os.environ, RAGMLX_FAST_BLAS="0")
@@ -130,7 +133,13 @@ def test_local_negatives_is_a_different_loss(runs):
 def test_two_rank_sharded_index_returns_the_single_process_top_k(runs):
     two = runs["two"]
     assert two["index"] == "ShardedIndex"
+    assert "not shared" not in two["stdout"]  # each rank wrote its own shard into the shared folder
     ckdir = runs["tmp"] / "two" / "checkpoints"
+    assert sorted(p.name for p in ckdir.glob("*.embedding*")) == [
+        f"{two['rid']}.embedding-0-of-2.npy",
+        f"{two['rid']}.embedding-1-of-2.npy",
+        f"{two['rid']}.embedding.json",
+    ]
     manifest = json.loads(chunk_index.manifest_path(ckdir, two["rid"]).read_text())
     assert [s["file"] for s in manifest["shards"]] == [f"{two['rid']}.embedding-{i}-of-2.npy" for i in range(2)]
     # the same weights embedded in one process give the same top-10
@@ -201,3 +210,21 @@ def test_approximate_indexes_find_most_of_the_exact_top_k(tmp_path):
         _, ids = chunk_index.search(mx.array(emb[:5]), cached, 3)
         assert ids[:, 0].tolist() == [0, 1, 2, 3, 4]  # each stored vector finds itself first
         assert chunk_index.approximate_recall(built, emb) == chunk_index.approximate_recall(cached, emb)
+
+
+def test_ranks_without_a_shared_folder_each_get_the_complete_index(runs):
+    out = runs["tmp"] / "separate"
+    result = _run(runs["tmp"], runs["data"], out, 2, separate=True)
+    assert "not shared; exchanging shards" in result["stdout"]
+    np.testing.assert_array_equal(np.load(out / "topk.npy"), np.load(runs["tmp"] / "two" / "topk.npy"))
+    import datasets as D
+
+    num_chunks = len(D.Dataset(runs["data"]).chunks)
+    for rank in range(2):
+        folder = out / f"index-{rank}"
+        opened = chunk_index.open_sharded(chunk_index.manifest_path(folder, result["rid"]), result["rid"], num_chunks)
+        reference = runs["tmp"] / "two" / "checkpoints"
+        for i in range(2):
+            name = f"{result['rid']}.embedding-{i}-of-2.npy"
+            np.testing.assert_allclose(np.load(folder / name), np.load(reference / name), rtol=1e-6, atol=1e-7)
+        assert opened.shape[0] == num_chunks

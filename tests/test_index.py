@@ -48,3 +48,76 @@ def test_topk_rows_finds_a_planted_maximum_in_every_group_position():
     got = np.take_along_axis(np.array(ids), order, axis=1)
     want = np.stack([[r, 64 * 20 + 63 - r, 64 * 40 + r % 5] for r in range(64)])
     np.testing.assert_array_equal(got, want)
+
+
+def random_chunks(rows: int, width: int = 12, vocab: int = 50, seed: int = 0) -> np.ndarray:
+    return np.random.default_rng(seed).integers(4, vocab, size=(rows, width)).astype(np.int32)
+
+
+def test_built_index_is_streamed_to_shards_and_matches_in_memory_search(tmp_path):
+    from helpers import quiet, tiny_retriever
+
+    model = tiny_retriever(50)
+    chunks = random_chunks(700)
+    np.save(tmp_path / "chunks.npy", chunks)
+    on_disk = np.load(tmp_path / "chunks.npy", mmap_mode="r")  # the dataset's chunks are memory-mapped too
+    index = chunk_index.load_or_build(model, "rid", on_disk, tmp_path / "ck", log=quiet)
+    assert (tmp_path / "ck" / "rid.embedding.json").is_file()
+    stored = np.load(tmp_path / "ck" / "rid.embedding-0-of-1.npy")
+    np.testing.assert_allclose(stored, np.array(chunk_index.embed(model, chunks)), rtol=1e-5, atol=1e-6)
+    queries = chunk_index.embed(model, random_chunks(40, seed=1))
+    want = chunk_index.search(queries, mx.array(stored), 10)[1]
+    np.testing.assert_array_equal(chunk_index.search(queries, index, 10)[1], want)
+    # Larger than memory: the same shards searched memory-mapped, 64 rows at a time, give the same top-k.
+    mapped = chunk_index.open_sharded(tmp_path / "ck" / "rid.embedding.json", "rid", 700, in_memory=False)
+    mapped.rows_per_block = 64
+    assert not isinstance(mapped.shards[0], mx.array)
+    np.testing.assert_array_equal(chunk_index.search(queries, mapped, 10)[1], want)
+    # and a second call reads the cache instead of embedding again
+    logs = []
+    chunk_index.load_or_build(model, "rid", on_disk, tmp_path / "ck", log=logs.append)
+    assert not any("embedded" in line for line in logs)
+
+
+def test_interrupted_build_leaves_no_index_and_the_next_build_completes(tmp_path):
+    from helpers import quiet, tiny_retriever
+
+    model = tiny_retriever(50)
+    calls = {"n": 0}
+
+    class Interrupting:
+        args = model.args
+
+        def __call__(self, tokens):
+            calls["n"] += 1
+            if calls["n"] == 2:
+                raise KeyboardInterrupt
+            return model(tokens)
+
+    chunks = random_chunks(600)
+    with pytest.raises(KeyboardInterrupt):
+        chunk_index.load_or_build(Interrupting(), "rid", chunks, tmp_path, log=quiet)
+    assert sorted(p.name for p in tmp_path.iterdir()) == []  # no shard, no manifest, no temp file
+    index = chunk_index.load_or_build(model, "rid", chunks, tmp_path, log=quiet)
+    assert index.shape == (600, model.args.embedding_dim)
+
+
+def test_cache_of_another_retriever_or_corpus_is_rebuilt_and_legacy_single_file_is_read(tmp_path):
+    from helpers import quiet, tiny_retriever
+
+    import checkpoint as ckpt
+
+    model = tiny_retriever(50)
+    chunks = random_chunks(100)
+    chunk_index.load_or_build(model, "rid", chunks, tmp_path, log=quiet)
+    logs = []
+    chunk_index.load_or_build(model, "rid", chunks[:90], tmp_path, log=logs.append)
+    assert any("another retriever or corpus" in line for line in logs) and any("embedded 90" in x for x in logs)
+    emb = chunk_index.embed(model, chunks)
+    ckpt.atomic_save_safetensors(
+        chunk_index.index_path(tmp_path, "old"), {"embeddings": emb}, {"retriever": "old", "num_chunks": "100"}
+    )
+    logs = []
+    legacy = chunk_index.load_or_build(model, "old", chunks, tmp_path, log=logs.append)
+    assert logs == [] and isinstance(legacy, mx.array)
+    np.testing.assert_array_equal(np.array(legacy), np.array(emb))

@@ -112,7 +112,8 @@ def test_training_targets_write_verifiable_checkpoints(tiny_run):
             assert (ckdir / f"{m['id']}.{kind}.optimizer.safetensors").is_file()
         assert metas[1]["parent"] == metas[0]["id"]
     newest = checkpoints(tiny_run.path, "retriever")[-1]["id"]
-    assert (ckdir / f"{newest}.embedding.safetensors").is_file(), "the chunk-embedding cache"
+    assert (ckdir / f"{newest}.embedding.json").is_file(), "the chunk-embedding cache"
+    assert (ckdir / f"{newest}.embedding-0-of-1.npy").is_file()
     assert checkpoints(tiny_run.path, "generator")[-1]["retriever"] == newest
     assert "recall@5" in tiny_run.out["retriever"]
     # --target all reused the finished retriever instead of training it again
@@ -198,7 +199,7 @@ def test_corrupt_newest_checkpoint_is_reported_and_the_previous_used(tiny_run, t
     warning = [line for line in out.splitlines() if weights.name in line]
     assert warning and "corrupt" in warning[0], out
     assert f"using {older['id'][:12]} (step 10)" in out
-    assert (run / "checkpoints" / f"{older['id']}.embedding.safetensors").is_file()
+    assert (run / "checkpoints" / f"{older['id']}.embedding.json").is_file()
 
 
 def test_keep_zero_is_a_usage_error(tmp_path):
