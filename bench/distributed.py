@@ -1,13 +1,16 @@
 """Data-parallel throughput (1 vs N processes under `mlx.launch`) and exact vs approximate search at scale.
 
-    python bench/distributed.py [--processes 2] [--ann_rows 1000000] [--skip_parallel] [--skip_ann]
+    python bench/distributed.py [--processes 2] [--ann_rows 1000000] [--skip_parallel] [--skip_ann] [--skip_disk]
 
 Training: the default retriever (dim 128, 2 blocks) on synthetic token batches, global batch 32 questions + 32
-positives + 32 negatives, gathered negatives, steps/s after warm-up. Indexing: chunks/s of `embed_distributed`.
-Search: `--ann_rows` random unit vectors of dim 64, 1,000 random unit queries; exact top-10 (one matmul per
-query batch, and as 2 shards merged), faiss IVF-Flat and usearch HNSW: build time, batch and single-query
-latency, recall@10 against exact. Writes bench/distributed_results.json. Random vectors are the hardest case
-for approximate search (no clusters), so its recall here is a lower bound for real embeddings.
+positives + 32 negatives, gathered negatives, steps/s after warm-up. Indexing: chunks/s of `index.load_or_build`
+(every process streams its share into its own shard file). Search: `--ann_rows` random unit vectors of dim 64,
+1,000 random unit queries; exact top-10 (in memory, as 2 shards merged), faiss IVF-Flat and usearch HNSW: build
+time, batch and single-query latency, recall@10 against exact. Random vectors are the hardest case for
+approximate search (no clusters), so its recall here is a lower bound for real embeddings. Out of core:
+`--disk_rows` vectors written to an .npy shard and searched memory-mapped, one block of rows at a time, with
+the process's peak anonymous memory (what the index would need if it were loaded) sampled while it runs.
+Writes bench/distributed_results.json.
 """
 
 from __future__ import annotations
@@ -63,18 +66,17 @@ def worker(out: Path, train_steps: int, index_chunks: int) -> None:
         mx.eval(step(*arrays), model.state, optimizer.state)
     dist.barrier()
     train_s = time.perf_counter() - tic
-    tokens = rng.integers(4, VOCAB, size=(index_chunks, CONTEXT))
-    chunk_index.embed_distributed(model, tokens[:256])  # warm-up
+    tokens = rng.integers(4, VOCAB, size=(index_chunks, CONTEXT)).astype(np.int32)
+    chunk_index.embed(model, tokens[:256])  # warm-up
     dist.barrier()
     tic = time.perf_counter()
-    emb = chunk_index.embed_distributed(model, tokens)
-    mx.eval(emb)
+    index = chunk_index.load_or_build(model, "bench", tokens, out.parent / "index", log=lambda _: None)
     index_s = time.perf_counter() - tic
     if rank == 0:
         out.write_text(json.dumps({
             "processes": size, "train_steps_per_s": train_steps / train_s,
             "train_questions_per_s": train_steps * BATCH / train_s,
-            "index_chunks_per_s": index_chunks / index_s, "index_rows": int(emb.shape[0]),
+            "index_chunks_per_s": index_chunks / index_s, "index_rows": int(index.shape[0]),
         }))
 
 
@@ -162,6 +164,65 @@ def run_ann(rows: int, usearch_rows: int, dim: int = 64, queries: int = 1000, k:
     return out
 
 
+def anon_memory_mib() -> float:
+    """This process's resident anonymous memory (heap, not file pages mapped from disk), from /proc."""
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith("RssAnon:"):
+            return int(line.split()[1]) / 1024
+    return float("nan")
+
+
+def run_out_of_core(rows: int, dim: int = 64, queries: int = 1000, k: int = 10, rows_per_block: int = 1 << 20) -> dict:
+    """Search an index that is never loaded: an .npy shard memory-mapped, read one block of rows at a time."""
+    import threading
+
+    import mlx.core as mx
+    import numpy as np
+
+    import index as chunk_index
+
+    rng = np.random.default_rng(1)
+    with tempfile.TemporaryDirectory() as tmp:
+        path = Path(tmp) / "disk.embedding-0-of-1.npy"
+        out = np.lib.format.open_memmap(path, mode="w+", dtype=np.float32, shape=(rows, dim))
+        for i in range(0, rows, rows_per_block):  # written a block at a time, like index.write_shard
+            block = rng.standard_normal((min(rows_per_block, rows - i), dim), dtype=np.float32)
+            out[i : i + len(block)] = block / np.linalg.norm(block, axis=1, keepdims=True)
+        out.flush()
+        del out
+        chunk_index.write_manifest(tmp, "disk", "disk", rows, dim, 1)
+        q = rng.standard_normal((queries, dim), dtype=np.float32)
+        q = mx.array(q / np.linalg.norm(q, axis=1, keepdims=True))
+        index = chunk_index.open_sharded(chunk_index.manifest_path(tmp, "disk"), "disk", rows, in_memory=False)
+        index.rows_per_block = rows_per_block
+        base, peak, done = anon_memory_mib(), [0.0], threading.Event()
+
+        def sample():
+            while not done.wait(0.01):
+                peak[0] = max(peak[0], anon_memory_mib())
+
+        sampler = threading.Thread(target=sample, daemon=True)
+        sampler.start()
+        tic = time.perf_counter()
+        _, ids = chunk_index.search(q, index, k)
+        seconds = time.perf_counter() - tic
+        done.set()
+        sampler.join()
+        # the same rows in memory, for the exact answer and the speed of an index that fits
+        loaded = mx.array(np.load(path))
+        tic = time.perf_counter()
+        _, want = chunk_index.search(q, loaded, k)
+        in_memory_s = time.perf_counter() - tic
+    result = {
+        "rows": rows, "dim": dim, "index_mib": rows * dim * 4 / 2**20, "rows_per_block": rows_per_block,
+        "queries": queries, "memory_mapped_s": seconds, "in_memory_s": in_memory_s,
+        "anon_mib_before": base, "anon_mib_peak_while_searching": peak[0],
+        "same_top_k_as_in_memory": bool((ids == want).all()),
+    }
+    print("out of core", result, flush=True)
+    return result
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--worker", default=None, help=argparse.SUPPRESS)
@@ -169,9 +230,11 @@ def main() -> None:
     p.add_argument("--train_steps", type=int, default=20)
     p.add_argument("--index_chunks", type=int, default=8192)
     p.add_argument("--ann_rows", type=int, default=1_000_000)
-    p.add_argument("--usearch_rows", type=int, default=200_000, help="rows for the (slow to build) HNSW index")
+    p.add_argument("--usearch_rows", type=int, default=1_000_000, help="rows for the (slow to build) HNSW index")
+    p.add_argument("--disk_rows", type=int, default=8_000_000, help="rows of the memory-mapped index (2 GiB at 8M)")
     p.add_argument("--skip_parallel", action="store_true")
     p.add_argument("--skip_ann", action="store_true")
+    p.add_argument("--skip_disk", action="store_true")
     p.add_argument("--out", default=str(ROOT / "bench" / "distributed_results.json"))
     args = p.parse_args()
     if args.worker:
@@ -185,6 +248,8 @@ def main() -> None:
         report["parallel"] = run_parallel(args.processes, args.train_steps, args.index_chunks)
     if not args.skip_ann:
         report["search"] = run_ann(args.ann_rows, args.usearch_rows)
+    if not args.skip_disk:
+        report["out_of_core"] = run_out_of_core(args.disk_rows)
     report["load_average_at_end"] = os.getloadavg()
     Path(args.out).write_text(json.dumps(report, indent=2) + "\n")
     print(f"wrote {args.out}")
