@@ -433,12 +433,32 @@ def approximate_recall(
     return float(np.mean(hits)) if hits else 1.0
 
 
-def evaluate(model, data, question_ids: np.ndarray, index: mx.array | None = None, ks=(1, 5, 20)) -> dict:
-    """Recall@k and MRR of `question_ids` against the whole chunk index (positives = labelled answer chunks)."""
+def eval_chunk_ids(data, question_ids: np.ndarray, max_chunks: int, seed: int = 0) -> np.ndarray | None:
+    """The chunks to score validation questions against during training: all of them (None) when there are at
+    most `max_chunks`; else, sorted, the questions' labelled chunks plus a fixed random sample of the others,
+    `max_chunks` in all. This bounds evaluation time and memory on corpora of millions of chunks; recall over a
+    sample is optimistic (fewer distractors), so the final index is always evaluated whole."""
+    n = len(data.chunks)
+    if n <= max_chunks:
+        return None
+    labelled = np.unique(np.concatenate([data.positives(int(i)) for i in question_ids] + [np.zeros(0, np.int64)]))
+    labelled = labelled[:max_chunks]
+    others = np.setdiff1d(np.arange(n), labelled, assume_unique=True)
+    extra = np.random.default_rng([seed, 4]).choice(others, size=max_chunks - len(labelled), replace=False)
+    return np.sort(np.concatenate([labelled, extra]).astype(np.int64))
+
+
+def evaluate(
+    model, data, question_ids: np.ndarray, index=None, ks=(1, 5, 20), chunk_ids: np.ndarray | None = None
+) -> dict:
+    """Recall@k and MRR of `question_ids` against the chunk index (positives = labelled answer chunks). With
+    `chunk_ids`, row i of `index` is chunk `chunk_ids[i]` (a sample, see `eval_chunk_ids`)."""
     if index is None:
-        index = embed(model, data.chunks)
+        index = embed(model, data.chunks if chunk_ids is None else data.chunks[chunk_ids])
     q = embed(model, data.questions[question_ids])
     _, ids = search(q, index, max(ks))
+    if chunk_ids is not None:
+        ids = chunk_ids[ids]
     relevant = [set(data.positives(int(i)).tolist()) for i in question_ids]
     recall = recall_at_k(ids, relevant, ks=ks)
     out = {f"recall@{k}": float(v) for k, v in recall.items() if isinstance(k, int)}

@@ -110,6 +110,13 @@ def build_parser() -> argparse.ArgumentParser:
         help="chunk-embedding cache id to use (default: the one built for the retriever)",
     )
     g.add_argument(
+        "--eval_chunks",
+        type=int,
+        default=200_000,
+        help="the retriever's in-training evaluation scores against all chunks up to this many, else against "
+        "the labelled ones and a fixed random sample of this size (optimistic; the final index is whole)",
+    )
+    g.add_argument(
         "--local_negatives",
         action="store_true",
         help="under mlx.launch: score each rank's questions against its own chunks only, not the "

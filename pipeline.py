@@ -123,6 +123,7 @@ def get_retriever(args, data, train: bool):
             visualisation=args.visualisation,
             compile=args.use_compile,
             local_negatives=getattr(args, "local_negatives", False),
+            eval_chunks=getattr(args, "eval_chunks", 200_000),
         )
     else:
         model, rid = load_trained(directory, "retriever", retriever, data, args.retriever_identifier, "retriever")
@@ -255,6 +256,8 @@ def run(args: argparse.Namespace) -> int:
         return 0
     if args.top_k <= 0:
         raise training.UsageError(f"--top_k must be positive, got {args.top_k}")
+    if getattr(args, "eval_chunks", 1) <= 0:
+        raise training.UsageError(f"--eval_chunks must be positive, got {args.eval_chunks}")
     if args.target == "eval":
         import evaluation
 

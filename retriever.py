@@ -143,9 +143,11 @@ def train(
     compile: bool = True,
     log=print,
     local_negatives: bool = False,
+    eval_chunks: int = 200_000,
 ) -> tuple[Retriever, str | None]:
     """Train (or resume) the retriever on the dataset's training questions; returns the model and its
-    checkpoint id. Evaluates Recall@1/5/20 and MRR on validation questions against the whole chunk index.
+    checkpoint id. Evaluates Recall@1/5/20 and MRR on validation questions against the whole chunk index, or
+    against `eval_chunks` of them (their labelled chunks and a fixed random sample) on a larger corpus.
 
     Under `mlx.launch` each rank trains on its share of every global batch; in-batch negatives span the global
     batch unless `local_negatives`; only rank 0 logs and saves."""
@@ -186,13 +188,21 @@ def train(
         f"{len(data.chunks):,} chunks"
     )
 
+    sample = chunk_index.eval_chunk_ids(data, valid_ids, eval_chunks)
+    if sample is not None:
+        log(
+            f"retriever: evaluating during training against {len(sample):,} of the {len(data.chunks):,} chunks "
+            "(the validation questions' labelled chunks and a fixed random sample; optimistic)"
+        )
+
     def evaluate(step: int) -> dict:
         if len(valid_ids) == 0:
             return {}
-        index = chunk_index.embed_distributed(model, data.chunks)  # each rank embeds its share
-        metrics = chunk_index.evaluate(model, data, valid_ids, index)
+        tokens = data.chunks if sample is None else data.chunks[sample]
+        index = chunk_index.embed_distributed(model, tokens)  # each rank embeds its share
+        metrics = chunk_index.evaluate(model, data, valid_ids, index, chunk_ids=sample)
         log(f"eval  {step:>6}  " + "  ".join(f"{k} {v:.3f}" for k, v in metrics.items()))
-        if visualisation:
+        if visualisation and sample is None:
             show_retrieval(model, data, int(valid_ids[0]), index, log=log)
         return metrics
 

@@ -121,3 +121,30 @@ def test_cache_of_another_retriever_or_corpus_is_rebuilt_and_legacy_single_file_
     legacy = chunk_index.load_or_build(model, "old", chunks, tmp_path, log=logs.append)
     assert logs == [] and isinstance(legacy, mx.array)
     np.testing.assert_array_equal(np.array(legacy), np.array(emb))
+
+
+def test_in_training_evaluation_on_a_sample_keeps_every_labelled_chunk(tmp_path):
+    from helpers import build_builtin, tiny_retriever
+
+    data = build_builtin(tmp_path / "data")
+    model = tiny_retriever(data.vocab_size)
+    valid = data.split_indices("valid")
+    assert chunk_index.eval_chunk_ids(data, valid, len(data.chunks)) is None  # small corpus: all chunks
+    size = len(data.chunks) // 2
+    sample = chunk_index.eval_chunk_ids(data, valid, size)
+    labelled = np.unique(np.concatenate([data.positives(int(i)) for i in valid]))
+    assert len(sample) == size and np.all(np.diff(sample) > 0) and set(labelled) <= set(sample.tolist())
+    np.testing.assert_array_equal(sample, chunk_index.eval_chunk_ids(data, valid, size))  # fixed between evals
+    # Scoring against the sampled rows reports chunk ids of the whole corpus, as if the others were not there.
+    got = chunk_index.evaluate(model, data, valid, chunk_ids=sample)
+    emb = np.array(chunk_index.embed(model, data.chunks))
+    masked = np.full_like(emb, 0.0)
+    masked[sample] = emb[sample]
+    q = np.array(chunk_index.embed(model, data.questions[valid]))
+    scores = q @ masked.T
+    scores[:, np.setdiff1d(np.arange(len(emb)), sample)] = -np.inf
+    ids = np.argsort(-scores, axis=1, kind="stable")[:, :20]
+    from metrics import recall_at_k
+
+    relevant = [set(data.positives(int(i)).tolist()) for i in valid]
+    assert got["recall@5"] == pytest.approx(float(recall_at_k(ids, relevant, ks=(5,))[5]))

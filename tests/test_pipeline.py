@@ -207,6 +207,13 @@ def test_keep_zero_is_a_usage_error(tmp_path):
     assert "--keep" in line
 
 
+def test_eval_chunks_zero_is_a_usage_error(tmp_path):
+    line = one_line_error(
+        main_py(tmp_path / "run", "--target", "retriever", "--corpus_size", "30", "--eval_chunks", "0")
+    )
+    assert "--eval_chunks" in line
+
+
 def test_negative_corpus_size_is_a_usage_error(tmp_path):
     line = one_line_error(main_py(tmp_path / "run", "--target", "dataset", "--corpus_size", "-5"))
     assert "--corpus_size" in line or "num_documents" in line
