@@ -179,15 +179,6 @@ def write_shard(model, chunks, path: Path, batch_size: int = 256, progress: bool
     ckpt.atomic_write_path(path, fill)
 
 
-def save_sharded(directory: str | Path, name: str, embeddings, num_shards: int, retriever_id: str) -> Path:
-    """Write in-memory `embeddings` as `num_shards` contiguous .npy shards (atomic each) and then the manifest."""
-    emb = np.asarray(embeddings, dtype=np.float32)
-    for i in range(num_shards):
-        rows = emb[slice(*dist.shard_bounds(len(emb), i, num_shards))]
-        ckpt.atomic_write_with(shard_path(directory, name, i, num_shards), lambda f, a=rows: np.save(f, a))
-    return write_manifest(directory, name, retriever_id, len(emb), emb.shape[1], num_shards)
-
-
 def write_manifest(directory, name: str, retriever_id: str, num_chunks: int, dim: int, num_shards: int) -> Path:
     """The manifest of a complete set of shards (written last: an index without it is never read)."""
     bounds = [dist.shard_bounds(num_chunks, i, num_shards) for i in range(num_shards)]
