@@ -211,7 +211,8 @@ def _one_line(e: BaseException) -> str:
 def read_safetensors(path: str | Path, sha1: str | None = None) -> dict[str, mx.array]:
     """Load and evaluate a safetensors file, optionally checking its sha1 first; CheckpointError if unusable.
 
-    The counterpart of `atomic_save_safetensors` for artifacts such as "<retriever id>.embedding.safetensors".
+    The counterpart of `atomic_save_safetensors` (weights, optimizer state, and earlier versions' single-file
+    "<retriever id>.embedding.safetensors" index caches).
     """
     path = Path(path)
     if not path.is_file():

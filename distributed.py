@@ -149,10 +149,11 @@ def broadcast_text(text: str | None) -> str | None:
     """Rank 0's string (e.g. the id of the checkpoint only it saved) on every rank; None stays None."""
     if size() == 1:
         return text
-    data = np.frombuffer(text.encode(), dtype=np.uint8) if is_main() and text is not None else np.zeros(0, np.uint8)
-    (length,) = broadcast([mx.array([len(data) if is_main() and text is not None else -1], dtype=mx.int32)])
+    mine = text.encode() if is_main() and text is not None else None  # only rank 0's values count
+    (length,) = broadcast([mx.array([-1 if mine is None else len(mine)], dtype=mx.int32)])
     n = int(length.item())
     if n < 0:
         return None
-    (chars,) = broadcast([mx.array(data.astype(np.int32)) if is_main() else mx.zeros((n,), dtype=mx.int32)])
+    payload = np.frombuffer(mine, dtype=np.uint8).astype(np.int32) if is_main() else np.zeros(n, np.int32)
+    (chars,) = broadcast([mx.array(payload)])
     return bytes(np.array(chars).astype(np.uint8)).decode()

@@ -226,10 +226,16 @@ def test_generator_training_loss_falls(data):
 # ------------------------------------------------------------------ Ctrl+C
 
 
-def interrupt_run(data, make_batch, loss_fn):
+def interrupt_run(data, make_batch, loss_fn, on_log=lambda _m: None):
+    """20 steps that something interrupts; returns (saves as (step, optimizer step), log lines)."""
     cfg = T.TrainConfig(batch_size=8, num_iters=20, lr_warmup=1, steps_per_report=100, steps_per_eval=100)
     model, optimizer = new_retriever_run(data, cfg)
     saves, logs = [], []
+
+    def log(m):
+        logs.append(m)
+        on_log(m)
+
     previous = signal.getsignal(signal.SIGINT)
     T.fit(
         model,
@@ -240,7 +246,7 @@ def interrupt_run(data, make_batch, loss_fn):
         0,
         no_eval,
         lambda s, m: saves.append((s, int(np.array(optimizer.state["step"])))),
-        log=logs.append,
+        log=log,
         compile=False,
     )
     assert signal.getsignal(signal.SIGINT) is previous, "the previous SIGINT handler is restored"
@@ -281,28 +287,11 @@ def test_sigint_while_preparing_a_batch_stops_training_and_saves_once(data):
     def loss_fn(model, *batch):
         return R.contrastive_loss(model, *batch)
 
-    cfg_logs = []
-
-    def log(m):
-        cfg_logs.append(m)
+    def on_log(m):
         if "interrupt" in m:
             handled.set()
 
-    cfg = T.TrainConfig(batch_size=8, num_iters=20, lr_warmup=1, steps_per_report=100, steps_per_eval=100)
-    model, optimizer = new_retriever_run(data, cfg)
-    saves = []
-    T.fit(
-        model,
-        optimizer,
-        cfg,
-        loss_fn,
-        make_batch,
-        0,
-        no_eval,
-        lambda s, m: saves.append((s, int(np.array(optimizer.state["step"])))),
-        log=log,
-        compile=False,
-    )
+    saves, cfg_logs = interrupt_run(data, make_batch, loss_fn, on_log)
     assert len(saves) == 1
     step, optimizer_step = saves[0]
     assert step in (k, k + 1) and optimizer_step == step
