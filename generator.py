@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass
+from functools import partial
 from typing import Iterator, NamedTuple
 
 import mlx.core as mx
@@ -11,6 +12,7 @@ import numpy as np
 
 from datasets import BOS_ID, EOS_ID, PAD_ID, Dataset
 from training import UsageError
+import cores
 import distributed as dist
 import kernels
 from layers import NEG_INF, DecoderBlock, Encoder, check_dims, init_embedding, padding_mask
@@ -192,16 +194,22 @@ def greedy_answers(
 
 
 def seq2seq_loss(model: Generator, passages, answer_in, answer_out):
-    """Teacher-forced negative log-likelihood of the answer tokens; PAD targets are masked out. With the copy
+    """Teacher-forced negative log-likelihood per answer token (PAD targets masked out) and token accuracy;
+    the questions are spread over the CPU's cores (see cores.py), the sums over tokens taken at the end."""
+    nll, correct, ntok = (x.sum() for x in cores.map_rows(partial(_token_sums, model), passages, answer_in, answer_out))
+    ntok_ = mx.maximum(ntok, 1)
+    return nll / ntok_, (correct / ntok_, ntok)
+
+
+def _token_sums(model: Generator, passages, answer_in, answer_out) -> tuple[mx.array, mx.array, mx.array]:
+    """[1]-shaped sums over the batch's answer tokens: NLL, correct argmax predictions, tokens. With the copy
     head the log is taken of the target tokens' probabilities only, not of the whole [B, T, V] mixture."""
     out = model.decode(answer_in, model.encode(passages), log=not model.args.copy)
     picked = mx.take_along_axis(out, answer_out[..., None], axis=-1).squeeze(-1)
     nll = -mx.log(picked + 1e-9) if model.args.copy else -picked
     mask = answer_out != PAD_ID
-    ntok = mask.sum()
-    loss = (nll * mask).sum() / mx.maximum(ntok, 1)
-    acc = ((mx.argmax(out, axis=-1) == answer_out) * mask).sum() / mx.maximum(ntok, 1)
-    return loss, (acc, ntok)
+    correct = (mx.argmax(out, axis=-1) == answer_out) & mask
+    return (nll * mask).sum()[None], correct.sum()[None], mask.sum()[None]
 
 
 def build_passages(data: Dataset, questions: np.ndarray, chunk_ids: np.ndarray) -> np.ndarray:

@@ -9,6 +9,7 @@ import mlx.core as mx
 import numpy as np
 
 import checkpoint as ckpt
+import cores
 import distributed as dist
 from metrics import mean_reciprocal_rank, recall_at_k
 
@@ -24,8 +25,9 @@ def embed(model, tokens: np.ndarray, batch_size: int = 256, progress: bool = Fal
 
         rng = tqdm(rng, desc="embedding chunks", unit="batch", leave=False, disable=None)  # None: off when not a TTY
     for i in rng:
-        e = model(mx.array(np.asarray(tokens[i : i + batch_size])))
-        mx.eval(e)
+        with cores.spread():  # each batch's rows over the CPU's cores
+            e = model(mx.array(np.asarray(tokens[i : i + batch_size])))
+            mx.eval(e)
         out.append(e)
     return mx.concatenate(out, axis=0) if out else mx.zeros((0, model.args.embedding_dim))
 

@@ -8,7 +8,10 @@
 from __future__ import annotations
 
 import argparse
+import os
 import sys
+
+from cores import BFS_WIDTH_ENV
 
 TARGETS = ("none", "dataset", "retriever", "all", "eval")
 
@@ -51,6 +54,14 @@ def build_parser() -> argparse.ArgumentParser:
         default="auto",
         help="mx.compile the training step; auto = on the GPU only (on the CPU it needs g++ and measured no "
         "faster at dim 128 or 256)",
+    )
+
+    g.add_argument(
+        "--cpu_streams",
+        type=int,
+        default=0,
+        help="on the CPU, split each training and embedding batch over this many MLX streams, one core each "
+        "(0 = one per core, up to 8; 1 = off)",
     )
 
     g = p.add_argument_group("data")
@@ -156,6 +167,9 @@ def main(argv: list[str] | None = None, fast_blas: bool = False) -> int:
     `fast_blas` (command line only) may re-start this process with a fast BLAS preloaded on Linux."""
     argv = sys.argv[1:] if argv is None else argv
     args = build_parser().parse_args(argv)
+    if not args.gpu:  # before MLX evaluates anything (it reads this once); see cores.py
+        for key, value in BFS_WIDTH_ENV.items():
+            os.environ.setdefault(key, value)
     import pipeline
 
     try:

@@ -11,6 +11,7 @@ from pathlib import Path
 import numpy as np
 
 import checkpoint
+import cores
 import datasets
 import distributed as dist
 import readers
@@ -35,7 +36,7 @@ STAGE_DEFAULTS = {"retriever": {"num_iters": 400, "batch_size": 32}, "generator"
 
 
 def setup_runtime(args: argparse.Namespace) -> None:
-    """Device, compilation and seed."""
+    """Device, memory reuse, CPU streams, compilation and seed."""
     import fastpath
     import mlx.core as mx
 
@@ -47,6 +48,11 @@ def setup_runtime(args: argparse.Namespace) -> None:
         mx.set_default_device(mx.gpu)
     else:
         mx.set_default_device(mx.cpu)
+        fastpath.keep_freed_memory()
+    try:
+        cores.configure(1 if args.gpu else getattr(args, "cpu_streams", 0))
+    except ValueError as e:
+        raise training.UsageError(str(e)) from None
     args.use_compile = args.compile == "yes" or (args.compile == "auto" and args.gpu)
     if args.use_compile and not args.gpu and not fastpath.compiler_available():
         print(fastpath.compiler_message())

@@ -13,6 +13,7 @@ import numpy as np
 from datasets import PAD_ID, Dataset
 from training import UsageError
 from layers import Encoder, check_dims, init_embedding, padding_mask
+import cores
 import distributed as dist
 
 
@@ -45,6 +46,10 @@ class Retriever(nn.Module):
         self.proj = nn.Linear(args.dim, args.embedding_dim, bias=False)
 
     def __call__(self, tokens: mx.array) -> mx.array:
+        """tokens [N, L] -> L2-normalised embeddings [N, E] (rows spread over the CPU's cores, see cores.py)."""
+        return cores.map_rows(self._embed, tokens)
+
+    def _embed(self, tokens: mx.array) -> mx.array:
         valid = tokens != PAD_ID
         h = self.encoder(self.embed(tokens), padding_mask(valid))
         w = valid.astype(h.dtype)[..., None]

@@ -17,6 +17,7 @@ import mlx.optimizers as optim
 from mlx.utils import tree_flatten, tree_unflatten
 
 import checkpoint as ckpt
+import cores
 import distributed as dist
 
 
@@ -201,8 +202,9 @@ def fit(
             if step == start_step and start_step == 0:
                 metrics = evaluate(step)
                 tic = time.perf_counter()  # the report measures training, not evaluation
-            loss, (aux, ntok) = step_fn(*(mx.array(b) for b in batch))
-            mx.eval(loss, aux, ntok, model.state, optimizer.state)
+            with cores.spread():  # the step's rows over the CPU's cores
+                loss, (aux, ntok) = step_fn(*(mx.array(b) for b in batch))
+                mx.eval(loss, aux, ntok, model.state, optimizer.state)
             losses.append(loss)
             auxes.append(aux)
             ntoks.append(ntok)

@@ -12,6 +12,7 @@ the median of the samples. Arrays travel between the processes through safetenso
 from __future__ import annotations
 
 import argparse
+import contextlib
 import datetime
 import json
 import os
@@ -234,18 +235,24 @@ def fig_train(worker: Worker, kind: str, size_name: str, cfg: dict, workdir: Pat
         raise AssertionError(f"{kind}: torch loss {setup['initial_loss']:.6f} != MLX loss {initial_loss:.6f} "
                              f"with the same weights: bench/torch_models.py no longer matches the MLX model")
 
-    # main.py trains without mx.compile on the CPU by default (--compile auto): time both steps, on one model.
+    # main.py's CPU step: no mx.compile, each batch's rows spread over the cores (cores.py). Also timed: the same
+    # step compiled, and on one stream (before cores.py), on one model.
+    import cores
+
     optimizer = optim.AdamW(learning_rate=1e-3, weight_decay=0.01)
     steps = {c: T.build_step(model, optimizer, loss_fn, grad_clip=1.0, compile=c) for c in (True, False)}
 
-    def run(compiled: bool = True) -> None:
-        loss, aux = steps[compiled](*batch)
-        mx.eval(loss, aux, model.state, optimizer.state)
+    def run(compiled: bool = False, spread: bool = True) -> None:
+        with cores.spread() if spread else contextlib.nullcontext():
+            loss, aux = steps[compiled](*batch)
+            mx.eval(loss, aux, model.state, optimizer.state)
 
     warm = seconds(run, cfg["warmup"])
-    run(False)
+    run(True)
+    run(False, False)
     candidates = {"mlx": lambda: seconds(run, cfg["steps"]),
-                  "mlx_uncompiled": lambda: seconds(partial(run, False), cfg["steps"]),
+                  "mlx_compiled": lambda: seconds(partial(run, True), cfg["steps"]),
+                  "mlx_one_stream": lambda: seconds(partial(run, False, False), cfg["steps"]),
                   "eager": lambda: worker("time", name="eager", steps=cfg["steps"])["s"]}
     if "compiled" in setup["ready"]:
         candidates["compiled"] = lambda: worker("time", name="compiled", steps=cfg["steps"])["s"]
@@ -257,24 +264,25 @@ def fig_train(worker: Worker, kind: str, size_name: str, cfg: dict, workdir: Pat
 
     tokens, flops = batch_tokens(kind), train_flops(kind, **size)
     label = f"{kind} train {size['dim']}d tok/s"
-    ours = tokens / t["mlx"]["s"]
+    ours, ours_name = tokens / t["mlx"]["s"], f"MLX step over {cores.count()} streams"
     common = dict(params=params, tokens_per_step=tokens, flops_per_step=flops, initial_loss_mlx=initial_loss,
                   initial_loss_torch=setup["initial_loss"], timings=t, mlx_warmup_s=warm,
-                  torch_warmup_s=setup["warmup_s"])
-    rows = [row(label, ours, tokens / t["eager"]["s"], "tok/s", "MLX compiled step", "torch eager",
+                  torch_warmup_s=setup["warmup_s"], streams=cores.count())
+    rows = [row(label, ours, tokens / t["eager"]["s"], "tok/s", ours_name, "torch eager",
                 ratio_best=best_ratio(t, "mlx", "eager"), **common)]
     if "compiled" in t:
-        rows.append(row(label, ours, tokens / t["compiled"]["s"], "tok/s", "MLX compiled step", "torch.compile",
+        rows.append(row(label, ours, tokens / t["compiled"]["s"], "tok/s", ours_name, "torch.compile",
                         ratio_best=best_ratio(t, "mlx", "compiled")))
     else:
         why = setup.get("compile_error", "disabled by --no_torch_compile")
-        rows.append(row(label, ours, None, "tok/s", "MLX compiled step", f"torch.compile skipped: {why[:80]}"))
-    rows.append(row(f"{kind} train {size['dim']}d tok/s, no mx.compile", tokens / t["mlx_uncompiled"]["s"], ours,
-                    "tok/s", "MLX step without mx.compile", "MLX compiled step",
-                    ratio_best=best_ratio(t, "mlx_uncompiled", "mlx")))
+        rows.append(row(label, ours, None, "tok/s", ours_name, f"torch.compile skipped: {why[:80]}"))
+    rows.append(row(f"{kind} train {size['dim']}d tok/s, streams vs one", ours, tokens / t["mlx_one_stream"]["s"],
+                    "tok/s", ours_name, "MLX step on one stream", ratio_best=best_ratio(t, "mlx", "mlx_one_stream")))
+    rows.append(row(f"{kind} train {size['dim']}d tok/s, with mx.compile", tokens / t["mlx_compiled"]["s"], ours,
+                    "tok/s", f"{ours_name}, mx.compile", ours_name, ratio_best=best_ratio(t, "mlx_compiled", "mlx")))
     best_ref = "compiled" if "compiled" in t else "eager"
     rows.append(row(f"{kind} train {size['dim']}d % of own GEMM peak", 100 * flops / t["mlx"]["s"] / 1e9 / peaks["mlx"],
-                    100 * flops / t[best_ref]["s"] / 1e9 / peaks["torch"], "%", "MLX compiled step",
+                    100 * flops / t[best_ref]["s"] / 1e9 / peaks["torch"], "%", ours_name,
                     f"torch {best_ref}", gemm_gflops=peaks))
     if profile:
         rows[0]["profile"] = profile
@@ -660,9 +668,12 @@ def main(argv: list[str], blas_line: str) -> int:
     import mlx.core as mx
     import numpy as np
 
+    import cores
     import fastpath
 
     mx.set_default_device(mx.cpu)
+    fastpath.keep_freed_memory()  # as main.py sets up the CPU
+    cores.configure(0)
     cfg = {"warmup": 1, "steps": 1, "repeats": args.repeats, "no_torch_compile": args.no_torch_compile,
            "embed_chunks": 512 if args.quick else 2048, "profile": args.profile}
     load_start, started = os.getloadavg(), time.perf_counter()
@@ -727,7 +738,10 @@ if __name__ == "__main__":
         worker_loop()
         sys.exit(0)
     import fastpath
+    from cores import BFS_WIDTH_ENV
 
+    for key, value in BFS_WIDTH_ENV.items():  # as main.py: before MLX evaluates anything, inherited by the re-exec
+        os.environ.setdefault(key, value)
     set_threads(sys.argv[1:])
     line = fastpath.ensure_fast_blas(sys.argv)  # may re-exec this process with a fast BLAS preloaded
     print(line, flush=True)

@@ -1,4 +1,5 @@
-"""Test set-up: the project's flat modules on the import path, and a fast BLAS for MLX when one exists.
+"""Test set-up: the project's flat modules on the import path, a fast BLAS for MLX when one exists, and MLX's
+graph ordering wide enough for cores.py.
 
 Loading OpenBLAS with RTLD_GLOBAL before MLX makes MLX's BLAS calls resolve to it in this process (the same
 effect as main.py's LD_PRELOAD re-exec, without re-starting pytest); results are the same to float rounding."""
@@ -18,3 +19,9 @@ if sys.platform.startswith("linux") and os.environ.get("RAGMLX_FAST_BLAS") != "0
     _blas = fastpath.find_fast_blas()
     if _blas:
         ctypes.CDLL(_blas, mode=ctypes.RTLD_GLOBAL)
+
+# As main.py does on the CPU before MLX evaluates anything (see cores.py).
+from cores import BFS_WIDTH_ENV  # noqa: E402
+
+for _key, _value in BFS_WIDTH_ENV.items():
+    os.environ.setdefault(_key, _value)

@@ -1,0 +1,104 @@
+"""Spread row-independent work over the CPU's cores with MLX streams.
+
+MLX's CPU backend runs each stream's ops on a thread of its own, and its elementwise kernels use one core: with
+one stream, everything but the BLAS calls runs on one core. `map_rows` splits a batch's rows into one slice per
+stream and builds each slice's graph on its own stream, so the slices run at once, elementwise work included.
+The math is unchanged: the same ops on the same rows, concatenated; backward ops run on the stream of their
+forward op, so the backward pass is spread too, and each weight's gradient is the sum over the slices.
+
+While spread, the BLAS runs one thread per call (each stream's matmuls already use one core; OpenBLAS's own
+threads would fight the streams for the same cores). MLX orders a graph's ops breadth-first only up to a width
+(`MLX_BFS_MAX_WIDTH`, default 20, read once, at the first evaluation) and depth-first beyond it, which would run
+the slices one after the other; `BFS_WIDTH_ENV` is what main.py sets before anything is evaluated.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import os
+from contextlib import contextmanager
+from typing import Callable
+
+import mlx.core as mx
+
+BFS_WIDTH_ENV = {"MLX_BFS_MAX_WIDTH": "1000"}
+MAX_AUTO_STREAMS = 8
+
+
+class _State:
+    streams: list = []
+    n = 1
+    active = False
+
+
+def available_cores() -> int:
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # macOS
+        return os.cpu_count() or 1
+
+
+def configure(n: int = 0) -> int:
+    """Use `n` CPU streams (0: one per available core, at most 8; 1: no spreading). Returns the number used."""
+    if n < 0:
+        raise ValueError(f"--cpu_streams must be >= 0, got {n}")
+    n = n or min(available_cores(), MAX_AUTO_STREAMS)
+    while len(_State.streams) < n:  # streams (and their threads) are created once and reused
+        _State.streams.append(mx.new_stream(mx.cpu))
+    _State.n = n
+    return n
+
+
+def count() -> int:
+    """Streams `map_rows` uses inside `spread` (1 until `configure` is called)."""
+    return _State.n
+
+
+def _blas_threads_functions():
+    """(get, set) for the BLAS in this process: OpenBLAS or MKL; None when it has no such control."""
+    lib = ctypes.CDLL(None)  # the global scope: LD_PRELOADed libraries are there
+    names = (("openblas_get_num_threads", "openblas_set_num_threads"), ("MKL_Get_Max_Threads", "MKL_Set_Num_Threads"))
+    for get, set_ in names:
+        try:
+            return getattr(lib, get), getattr(lib, set_)
+        except AttributeError:
+            continue
+    return None
+
+
+@contextmanager
+def spread():
+    """Inside, `map_rows` splits work over the configured streams and the BLAS uses one thread per call."""
+    if count() < 2 or mx.default_device() != mx.cpu or _State.active:
+        yield
+        return
+    blas = _blas_threads_functions()
+    previous = blas[0]() if blas else None
+    if blas:
+        blas[1](1)
+    _State.active = True
+    try:
+        yield
+    finally:
+        _State.active = False
+        if blas:
+            blas[1](previous)
+
+
+def map_rows(fn: Callable, *arrays: mx.array):
+    """`fn(*arrays)` with the rows (axis 0) of every array split into one slice per stream inside `spread`;
+    the outputs (an array or a tuple of arrays, each with the rows along axis 0) are concatenated back.
+    Outside `spread`, or with fewer rows than two, exactly `fn(*arrays)`."""
+    rows = arrays[0].shape[0]
+    parts = min(count(), rows) if _State.active else 1
+    if parts < 2:
+        return fn(*arrays)
+    bounds = [rows * i // parts for i in range(parts + 1)]
+    outs = []
+    for stream, start, stop in zip(_State.streams, bounds, bounds[1:]):
+        with mx.stream(stream):
+            outs.append(fn(*(a[start:stop] for a in arrays)))
+    if isinstance(outs[0], mx.array):
+        return mx.concatenate(outs, axis=0)
+    merged = [mx.concatenate(column, axis=0) for column in zip(*outs)]
+    return type(outs[0])(*merged) if hasattr(outs[0], "_fields") else tuple(merged)

@@ -1,0 +1,175 @@
+"""cores.py: rows spread over CPU streams give the unspread results, and the BLAS thread count comes back."""
+
+from __future__ import annotations
+
+import contextlib
+import ctypes
+from functools import partial
+from typing import NamedTuple
+
+import mlx.core as mx
+import mlx.nn as nn
+import numpy as np
+import pytest
+
+from helpers import build_builtin, tiny_generator, tiny_retriever
+
+import cores  # noqa: E402
+import generator as G  # noqa: E402
+import retriever as R  # noqa: E402
+import training as T  # noqa: E402
+
+
+@pytest.fixture
+def streams():
+    """Configure `n` streams for one test, then put back what was configured before."""
+    before = cores.count()
+    yield cores.configure
+    cores.configure(before)
+
+
+class Pair(NamedTuple):
+    a: mx.array
+    b: mx.array
+
+
+def test_map_rows_splits_over_distinct_streams_and_concatenates_in_order(streams):
+    streams(3)
+    x = mx.arange(14).reshape(7, 2)
+    seen = []
+
+    def fn(rows):
+        seen.append((mx.default_stream(mx.cpu), rows.shape[0]))
+        return Pair(rows * 2, rows.sum(axis=1))
+
+    cores.map_rows(fn, x)  # outside spread: one call with every row
+    assert [n for _, n in seen] == [7]
+    seen.clear()
+    with cores.spread():
+        out = cores.map_rows(fn, x)
+    assert [n for _, n in seen] == [2, 2, 3]
+    assert len({str(s) for s, _ in seen}) == 3 and mx.default_stream(mx.cpu) not in [s for s, _ in seen]
+    assert isinstance(out, Pair)
+    np.testing.assert_array_equal(out.a, np.arange(14).reshape(7, 2) * 2)
+    np.testing.assert_array_equal(out.b, np.arange(14).reshape(7, 2).sum(axis=1))
+    with cores.spread():
+        plain = cores.map_rows(lambda r: (r + 1, r[:, :1]), x)  # a plain tuple, and fewer rows than streams
+        few = cores.map_rows(lambda r: r + 1, x[:2])
+    assert isinstance(plain, tuple) and plain[1].shape == (7, 1)
+    np.testing.assert_array_equal(few, np.array(x[:2]) + 1)
+
+
+def test_outside_spread_or_with_one_stream_nothing_is_split(streams):
+    calls = []
+
+    def fn(rows):
+        calls.append(rows.shape[0])
+        return rows
+
+    streams(2)
+    cores.map_rows(fn, mx.zeros((6, 3)))
+    streams(1)
+    with cores.spread():
+        cores.map_rows(fn, mx.zeros((6, 3)))
+    assert calls == [6, 6]
+
+
+def blas_threads():
+    lib = ctypes.CDLL(None)
+    return getattr(lib, "openblas_get_num_threads", None)
+
+
+@pytest.mark.skipif(blas_threads() is None, reason="no OpenBLAS in this process")
+def test_spread_runs_the_blas_single_threaded_and_restores_it_even_on_error(streams):
+    streams(2)
+    before = blas_threads()()
+    with cores.spread():
+        assert blas_threads()() == 1
+        with cores.spread():  # nested: still spread, and the outer one restores
+            assert blas_threads()() == 1
+        assert blas_threads()() == 1
+    assert blas_threads()() == before
+    with pytest.raises(RuntimeError):
+        with cores.spread():
+            raise RuntimeError("boom")
+    assert blas_threads()() == before
+
+
+def test_configure_rejects_negative_and_auto_uses_the_cores(streams):
+    with pytest.raises(ValueError, match="--cpu_streams"):
+        streams(-1)
+    assert streams(0) == min(cores.available_cores(), cores.MAX_AUTO_STREAMS)
+
+
+def loss_and_grads(model, loss_fn, batch, spread: bool):
+    with cores.spread() if spread else contextlib.nullcontext():
+        (loss, (aux, ntok)), grads = nn.value_and_grad(model, loss_fn)(model, *batch)
+        mx.eval(loss, aux, ntok, grads)
+    return loss.item(), aux.item(), ntok.item(), grads
+
+
+def assert_same(a, b):
+    assert a[0] == pytest.approx(b[0], rel=1e-5) and a[1] == pytest.approx(b[1], abs=1e-6) and a[2] == b[2]
+    ga, gb = dict(nn.utils.tree_flatten(a[3])), dict(nn.utils.tree_flatten(b[3]))
+    assert ga.keys() == gb.keys()
+    for k in ga:
+        np.testing.assert_allclose(ga[k], gb[k], atol=2e-5, rtol=1e-3, err_msg=k)
+
+
+@pytest.mark.parametrize("copy", [True, False])
+def test_spread_generator_loss_and_gradients_equal_the_unspread_ones(streams, copy):
+    streams(2)
+    rng = np.random.default_rng(0)
+    model = tiny_generator(64, copy=copy)
+    passages = rng.integers(4, 64, size=(5, 3, 12)).astype(np.int32)
+    passages[:, :, -3:] = 0
+    answers = rng.integers(4, 64, size=(5, 6)).astype(np.int32)
+    answers[1, 3:] = 0
+    answer_in = np.concatenate([np.full((5, 1), 2, np.int32), answers[:, :-1]], axis=1)
+    batch = [mx.array(v) for v in (passages, answer_in, answers)]
+    assert_same(loss_and_grads(model, G.seq2seq_loss, batch, True), loss_and_grads(model, G.seq2seq_loss, batch, False))
+
+
+def test_spread_retriever_loss_and_gradients_equal_the_unspread_ones(streams):
+    streams(3)
+    rng = np.random.default_rng(1)
+    model = tiny_retriever(64, embedding_dim=16)
+    questions = rng.integers(4, 64, size=(4, 8)).astype(np.int32)
+    chunks = rng.integers(4, 64, size=(8, 12)).astype(np.int32)
+    chunks[2, 6:] = 0
+    mask = np.eye(4, 8, dtype=bool)
+    batch = [mx.array(v) for v in (questions, chunks, mask)]
+    got = loss_and_grads(model, R.contrastive_loss, batch, True)
+    assert_same(got, loss_and_grads(model, R.contrastive_loss, batch, False))
+
+
+def record_loss(losses: list, line: str) -> None:
+    if "loss " in line:
+        losses.append(float(line.split("loss ")[1].split()[0]))
+
+
+def test_training_with_spread_steps_follows_the_unspread_run(streams, tmp_path):
+    data = build_builtin(tmp_path / "dataset", corpus_size=30, context_size=32)
+    train_ids = data.split_indices("train", answerable=True)
+    retrieved = np.stack([[int(data.positives(int(q))[0]), 0] for q in train_ids])
+    losses = {}
+    for n in (1, 2):
+        streams(n)
+        cfg = T.TrainConfig(batch_size=8, num_iters=8, lr_warmup=2, learning_rate=3e-3, steps_per_report=1)
+        model = tiny_generator(data.vocab_size, max_answer_tokens=int(data.answers.shape[1]))
+        seen = losses.setdefault(n, [])
+        T.fit(
+            model,
+            T.make_optimizer(cfg),
+            cfg,
+            G.seq2seq_loss,
+            G.FiDBatches(data, train_ids, retrieved, 8, seed=0),
+            0,
+            lambda step: {},
+            lambda s, m: None,
+            "tok_acc",
+            log=partial(record_loss, seen),
+            compile=False,
+        )
+    assert len(losses[1]) == 8 and losses[1][-1] < losses[1][0]
+    np.testing.assert_allclose(losses[2], losses[1], rtol=1e-3)
