@@ -270,13 +270,14 @@ def validation_loss(
     for i in range(0, len(question_ids), batch_size):
         q = question_ids[i : i + batch_size]
         answer_in, answer_out = teacher_forcing(np.asarray(data.answers[q]))
-        loss, (_, ntok) = seq2seq_loss(
-            model,
-            mx.array(build_passages(data, data.questions[q], chunk_ids[i : i + batch_size])),
-            mx.array(answer_in),
-            mx.array(answer_out),
-        )
-        total += loss.item() * ntok.item()
+        with cores.spread():
+            loss, (_, ntok) = seq2seq_loss(
+                model,
+                mx.array(build_passages(data, data.questions[q], chunk_ids[i : i + batch_size])),
+                mx.array(answer_in),
+                mx.array(answer_out),
+            )
+            total += loss.item() * ntok.item()
         count += ntok.item()
     return total / max(count, 1)
 

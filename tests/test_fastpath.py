@@ -225,3 +225,34 @@ def test_truncated_library_is_not_usable(tmp_path):
     struct.pack_into("<HH", header, 0x3A, 64, 3)
     truncated.write_bytes(bytes(header))
     assert fastpath.is_usable_blas(str(truncated)) is False
+
+
+FREE_AND_REUSE = """
+import resource, sys
+import numpy as np
+import fastpath
+if sys.argv[1] == "keep":
+    fastpath.keep_freed_memory()
+def cycle():
+    blocks = [np.ones(5 << 18, np.float32) for _ in range(8)]  # 8 x 5 MiB, written, then freed
+    del blocks
+cycle()
+before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+for _ in range(10):
+    cycle()
+print(resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before)
+"""
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="glibc's allocator")
+def test_keep_freed_memory_stops_freed_buffers_faulting_back_in():
+    root = Path(fastpath.__file__).parent
+
+    def faults(mode: str) -> int:
+        out = subprocess.run([sys.executable, "-c", FREE_AND_REUSE, mode], cwd=root, capture_output=True, text=True)
+        assert out.returncode == 0, out.stderr
+        return int(out.stdout)
+
+    default, kept = faults("default"), faults("keep")
+    assert default > 10_000  # glibc returned the blocks and faulted 400 MiB of fresh pages back in
+    assert kept < default / 20
