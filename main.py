@@ -52,8 +52,7 @@ def build_parser() -> argparse.ArgumentParser:
         "--compile",
         choices=("auto", "yes", "no"),
         default="auto",
-        help="mx.compile the training step; auto = on the GPU only (on the CPU it needs g++ and measured no "
-        "faster at dim 128 or 256)",
+        help="mx.compile the training step; auto = on the GPU, and on the CPU when g++ is on PATH (MLX's JIT)",
     )
 
     g.add_argument(

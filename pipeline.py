@@ -53,7 +53,9 @@ def setup_runtime(args: argparse.Namespace) -> None:
         cores.configure(1 if args.gpu else getattr(args, "cpu_streams", 0))
     except ValueError as e:
         raise training.UsageError(str(e)) from None
-    args.use_compile = args.compile == "yes" or (args.compile == "auto" and args.gpu)
+    # auto: on the GPU, and on the CPU where g++ is there for MLX's JIT (with the step spread over the cores,
+    # compiling it measured 1.08-1.17x faster; the main command 4:32 vs 5:03).
+    args.use_compile = args.compile == "yes" or (args.compile == "auto" and (args.gpu or fastpath.compiler_available()))
     if args.use_compile and not args.gpu and not fastpath.compiler_available():
         print(fastpath.compiler_message())
     mx.random.seed(args.seed)
