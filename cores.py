@@ -15,6 +15,7 @@ the slices one after the other; `BFS_WIDTH_ENV` is what main.py sets before anyt
 from __future__ import annotations
 
 import ctypes
+import functools
 import os
 from contextlib import contextmanager
 from typing import Callable
@@ -54,6 +55,7 @@ def count() -> int:
     return _State.n
 
 
+@functools.cache  # looked up once, not at every step
 def _blas_threads_functions():
     """(get, set) for the BLAS in this process: OpenBLAS or MKL; None when it has no such control."""
     lib = ctypes.CDLL(None)  # the global scope: LD_PRELOADed libraries are there
