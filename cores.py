@@ -9,7 +9,7 @@ forward op, so the backward pass is spread too, and each weight's gradient is th
 While spread, the BLAS runs one thread per call (each stream's matmuls already use one core; OpenBLAS's own
 threads would fight the streams for the same cores). MLX orders a graph's ops breadth-first only up to a width
 (`MLX_BFS_MAX_WIDTH`, default 20, read once, at the first evaluation) and depth-first beyond it, which would run
-the slices one after the other; `BFS_WIDTH_ENV` is what main.py sets before anything is evaluated.
+the slices one after the other; `widen_graph_order` must run before anything is evaluated.
 """
 
 from __future__ import annotations
@@ -22,8 +22,13 @@ from typing import Callable
 
 import mlx.core as mx
 
-BFS_WIDTH_ENV = {"MLX_BFS_MAX_WIDTH": "1000"}
 MAX_AUTO_STREAMS = 8
+
+
+def widen_graph_order(environ=os.environ) -> None:
+    """Let MLX schedule 1,000 ops breadth-first (default 20) unless the user chose a width. MLX reads the
+    variable once, at the first evaluation, so call this first; a re-exec'd process inherits it."""
+    environ.setdefault("MLX_BFS_MAX_WIDTH", "1000")
 
 
 class _State:

@@ -197,8 +197,8 @@ def seq2seq_loss(model: Generator, passages, answer_in, answer_out):
     """Teacher-forced negative log-likelihood per answer token (PAD targets masked out) and token accuracy;
     the questions are spread over the CPU's cores (see cores.py), the sums over tokens taken at the end."""
     nll, correct, ntok = (x.sum() for x in cores.map_rows(partial(_token_sums, model), passages, answer_in, answer_out))
-    ntok_ = mx.maximum(ntok, 1)
-    return nll / ntok_, (correct / ntok_, ntok)
+    denominator = mx.maximum(ntok, 1)
+    return nll / denominator, (correct / denominator, ntok)
 
 
 def _token_sums(model: Generator, passages, answer_in, answer_out) -> tuple[mx.array, mx.array, mx.array]:

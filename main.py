@@ -8,10 +8,7 @@
 from __future__ import annotations
 
 import argparse
-import os
 import sys
-
-from cores import BFS_WIDTH_ENV
 
 TARGETS = ("none", "dataset", "retriever", "all", "eval")
 
@@ -166,9 +163,10 @@ def main(argv: list[str] | None = None, fast_blas: bool = False) -> int:
     `fast_blas` (command line only) may re-start this process with a fast BLAS preloaded on Linux."""
     argv = sys.argv[1:] if argv is None else argv
     args = build_parser().parse_args(argv)
-    if not args.gpu:  # before MLX evaluates anything (it reads this once); see cores.py
-        for key, value in BFS_WIDTH_ENV.items():
-            os.environ.setdefault(key, value)
+    import cores
+
+    if not args.gpu:  # before MLX evaluates anything (it reads this once)
+        cores.widen_graph_order()
     import pipeline
 
     try:

@@ -738,10 +738,9 @@ if __name__ == "__main__":
         worker_loop()
         sys.exit(0)
     import fastpath
-    from cores import BFS_WIDTH_ENV
+    import cores
 
-    for key, value in BFS_WIDTH_ENV.items():  # as main.py: before MLX evaluates anything, inherited by the re-exec
-        os.environ.setdefault(key, value)
+    cores.widen_graph_order()  # as main.py: before MLX evaluates anything; inherited by the re-exec
     set_threads(sys.argv[1:])
     line = fastpath.ensure_fast_blas(sys.argv)  # may re-exec this process with a fast BLAS preloaded
     print(line, flush=True)

@@ -21,7 +21,6 @@ if sys.platform.startswith("linux") and os.environ.get("RAGMLX_FAST_BLAS") != "0
         ctypes.CDLL(_blas, mode=ctypes.RTLD_GLOBAL)
 
 # As main.py does on the CPU before MLX evaluates anything (see cores.py).
-from cores import BFS_WIDTH_ENV  # noqa: E402
+import cores  # noqa: E402
 
-for _key, _value in BFS_WIDTH_ENV.items():
-    os.environ.setdefault(_key, _value)
+cores.widen_graph_order()
