@@ -40,6 +40,10 @@ _OPENBLAS_PATHS = (
 
 _SLOW_HINT = "install libopenblas0-pthread or `pip install mkl`"
 
+# The AVX-512 parts OpenBLAS's SkylakeX/Cooperlake kernels use, and its kernel sets for AVX2-only CPUs.
+_AVX512 = frozenset({"avx512f", "avx512cd", "avx512bw", "avx512dq", "avx512vl"})
+_AVX2_CORES = frozenset({"haswell", "zen"})
+
 
 def _is_linux() -> bool:
     return sys.platform.startswith("linux") and platform.system() == "Linux"
@@ -147,6 +151,42 @@ def classify_blas(path: str | None) -> str:
     return "reference netlib BLAS"
 
 
+def cpu_flags(cpuinfo: str = "/proc/cpuinfo") -> frozenset[str]:
+    """The instruction-set flags Linux reports for this CPU (empty when it cannot say)."""
+    try:
+        with open(cpuinfo) as f:
+            for line in f:
+                if line.startswith("flags"):
+                    return frozenset(line.split(":", 1)[1].split())
+    except OSError:
+        pass
+    return frozenset()
+
+
+def openblas_core(path: str) -> str | None:
+    """The kernel set ("Haswell", "Cooperlake", ...) the OpenBLAS at `path` runs in this process; None if not
+    OpenBLAS. Loads the library (RTLD_LOCAL) when it is not loaded yet."""
+    try:
+        corename = ctypes.CDLL(path).openblas_get_corename
+    except (OSError, AttributeError):
+        return None
+    corename.restype = ctypes.c_char_p
+    return (corename() or b"").decode() or None
+
+
+def forced_kernels_hint(core: str | None, env: Mapping[str, str], flags: frozenset[str]) -> str | None:
+    """A note when OPENBLAS_CORETYPE holds OpenBLAS to AVX2 kernels on a CPU with AVX-512, else None.
+
+    OpenBLAS picks its kernels from the CPU unless OPENBLAS_CORETYPE names a set; machine images set it to get
+    the same rounding on every host of a fleet. It is the user's choice, so we only say what it costs: on this
+    project's reference machine (AMD EPYC, Zen 5) the AVX-512 kernels ran a 2048^3 matmul at 1.85x the speed of
+    Haswell's (bench/blas.py)."""
+    forced = env.get("OPENBLAS_CORETYPE", "")
+    if not forced or core is None or core.lower() not in _AVX2_CORES or not _AVX512 <= flags:
+        return None
+    return f"OPENBLAS_CORETYPE={forced} keeps it off this CPU's AVX-512 kernels; unset it for faster matmuls"
+
+
 class _DlInfo(ctypes.Structure):
     _fields_ = [
         ("dli_fname", ctypes.c_char_p),
@@ -221,7 +261,8 @@ def blas_in_use() -> str:
     if not _is_linux():
         return f"platform default ({platform.system() or sys.platform})"
     path = mlx_blas_library()
-    return f"{classify_blas(path)} ({path})"
+    core = openblas_core(path) if path and classify_blas(path) == "OpenBLAS" else None
+    return f"{classify_blas(path)} ({path}" + (f", {core} kernels)" if core else ")")
 
 
 def _command_line(argv: list[str]) -> list[str]:
@@ -248,9 +289,11 @@ def ensure_fast_blas(
         current = classify_blas(mlx_blas_library())
         return f"BLAS: {current} (fast path disabled by RAGMLX_FAST_BLAS=0)"
     if not uses_reference_blas():
-        suffix = ", preloaded" if env.get("RAGMLX_REEXEC") == "1" else ""
         path = mlx_blas_library()
-        return f"BLAS: {classify_blas(path)} ({path}{suffix})"
+        core = openblas_core(path) if path and classify_blas(path) == "OpenBLAS" else None
+        details = (", preloaded" if env.get("RAGMLX_REEXEC") == "1" else "") + (f", {core} kernels" if core else "")
+        hint = forced_kernels_hint(core, env, cpu_flags())
+        return f"BLAS: {classify_blas(path)} ({path}{details})" + (f"; {hint}" if hint else "")
     if env.get("RAGMLX_REEXEC") == "1":
         preload = env.get("LD_PRELOAD", "")
         return f"BLAS: reference netlib BLAS (slow; preloading {preload!r} did not take effect)"

@@ -133,10 +133,11 @@ def worker(args: argparse.Namespace) -> None:
     print(json.dumps(result))
 
 
-def run_config(name: str, preload: str | None, extra_env: dict[str, str], args, out_dir: str) -> dict:
+def run_config(name: str, preload: str | None, extra_env: dict[str, str | None], args, out_dir: str) -> dict:
     """Run the worker under one BLAS configuration and return its measurements."""
     env = {k: v for k, v in os.environ.items() if k not in ("LD_PRELOAD", "RAGMLX_REEXEC")}
     env.update(extra_env, RAGMLX_FAST_BLAS="0")
+    env = {k: v for k, v in env.items() if v is not None}  # None in extra_env unsets the variable
     if preload is not None:
         env["LD_PRELOAD"] = preload
     matrix = os.path.join(out_dir, f"{name}.npy")
@@ -176,6 +177,8 @@ def main(argv: list[str] | None = None) -> None:
             ("openblas", openblas, {}),
             ("openblas-1thread", openblas, {"OPENBLAS_NUM_THREADS": "1"}),
         ]
+        if os.environ.get("OPENBLAS_CORETYPE"):  # the environment pins OpenBLAS's kernels: also time its own pick
+            configs.append(("openblas-own-kernels", openblas, {"OPENBLAS_CORETYPE": None}))
     if mkl:
         configs += [("mkl", mkl, {}), ("mkl-1thread", mkl, {"MKL_NUM_THREADS": "1"})]
 

@@ -712,6 +712,7 @@ def main(argv: list[str], blas_line: str) -> int:
         "versions": {"mlx": mx.__version__, "numpy": np.__version__, "torch": info["torch"], "faiss": info["faiss"]},
         "blas": fastpath.blas_in_use(),
         "startup": blas_line,
+        "OPENBLAS_CORETYPE": os.environ.get("OPENBLAS_CORETYPE"),
         "torch_blas": info["torch_blas"],
         "torch_threads": info["threads"],
         "mlx_blas_threads": blas_threads(fastpath.mlx_blas_library()),

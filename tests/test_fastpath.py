@@ -192,7 +192,7 @@ def test_real_reexec_loads_fast_blas():
     message, args, in_use = out.stdout.strip().splitlines()[-3:]
     assert args == "['--flag', 'value']", "the re-exec must keep `-c CODE` and the arguments"
     assert fastpath.classify_blas(lib) in in_use and "reference" not in in_use
-    assert message.endswith(", preloaded)")
+    assert ", preloaded" in message
 
 
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="the BLAS re-exec only happens on Linux")
@@ -256,3 +256,58 @@ def test_keep_freed_memory_stops_freed_buffers_faulting_back_in():
     default, kept = faults("default"), faults("keep")
     assert default > 10_000  # glibc returned the blocks and faulted 400 MiB of fresh pages back in
     assert kept < default / 20
+
+
+AVX512 = frozenset({"fpu", "sse2", "avx2", "fma", "avx512f", "avx512cd", "avx512bw", "avx512dq", "avx512vl"})
+
+
+@pytest.mark.parametrize(
+    "core, env, flags, hinted",
+    [
+        ("Haswell", {"OPENBLAS_CORETYPE": "Haswell"}, AVX512, True),  # forced below what the CPU can do
+        ("Zen", {"OPENBLAS_CORETYPE": "zen"}, AVX512, True),
+        ("Haswell", {}, AVX512, False),  # OpenBLAS's own choice: nothing to say
+        ("Cooperlake", {"OPENBLAS_CORETYPE": "Cooperlake"}, AVX512, False),
+        ("Haswell", {"OPENBLAS_CORETYPE": "Haswell"}, AVX512 - {"avx512bw"}, False),  # not every part the kernels use
+        ("Haswell", {"OPENBLAS_CORETYPE": "Haswell"}, frozenset({"avx2", "fma"}), False),  # an AVX2 CPU
+        (None, {"OPENBLAS_CORETYPE": "Haswell"}, AVX512, False),  # MKL or another BLAS
+    ],
+)
+def test_forced_kernels_hint(core, env, flags, hinted):
+    hint = fastpath.forced_kernels_hint(core, env, flags)
+    assert (hint is not None) == hinted
+    if hinted:
+        assert f"OPENBLAS_CORETYPE={env['OPENBLAS_CORETYPE']}" in hint and "unset it" in hint
+
+
+def test_cpu_flags_reads_the_flags_line(tmp_path):
+    cpuinfo = tmp_path / "cpuinfo"
+    cpuinfo.write_text("processor\t: 0\nmodel name\t: AMD EPYC\nflags\t\t: fpu sse2 avx512f avx2\n\nflags : ignored\n")
+    assert fastpath.cpu_flags(str(cpuinfo)) == {"fpu", "sse2", "avx512f", "avx2"}
+    assert fastpath.cpu_flags(str(tmp_path / "missing")) == frozenset()
+
+
+def test_blas_line_names_the_kernels_and_the_forced_set(slow_linux, monkeypatch):
+    monkeypatch.setattr(fastpath, "uses_reference_blas", lambda: False)
+    monkeypatch.setattr(fastpath, "mlx_blas_library", lambda: FAKE_LIB)
+    monkeypatch.setattr(fastpath, "openblas_core", lambda path: "Haswell")
+    monkeypatch.setattr(fastpath, "cpu_flags", lambda: AVX512)
+    execv = FakeExec()
+    plain = fastpath.ensure_fast_blas(["main.py"], env={"RAGMLX_REEXEC": "1"}, execv=execv)
+    assert plain == f"BLAS: OpenBLAS ({FAKE_LIB}, preloaded, Haswell kernels)"
+    forced = fastpath.ensure_fast_blas(["main.py"], env={"OPENBLAS_CORETYPE": "Haswell"}, execv=execv)
+    assert forced.startswith(f"BLAS: OpenBLAS ({FAKE_LIB}, Haswell kernels); OPENBLAS_CORETYPE=Haswell keeps")
+    assert execv.calls == [], "the user's OPENBLAS_CORETYPE is reported, never overridden"
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="OpenBLAS's CPU dispatch")
+def test_openblas_core_names_the_forced_kernels():
+    lib = fastpath.find_fast_blas(_clean_env())
+    if lib is None or fastpath.classify_blas(lib) != "OpenBLAS":
+        pytest.skip("no OpenBLAS on this machine")
+    code = "import sys, fastpath; print(fastpath.openblas_core(sys.argv[1]))"
+    env = dict(_clean_env(), OPENBLAS_CORETYPE="Haswell")
+    out = subprocess.run([sys.executable, "-c", code, lib], cwd=ROOT, env=env, capture_output=True, text=True)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.strip() == "Haswell"
+    assert fastpath.openblas_core("/nonexistent/libopenblas.so.0") is None
