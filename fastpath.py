@@ -168,8 +168,8 @@ def cpu_flags(cpuinfo: str = "/proc/cpuinfo") -> frozenset[str]:
 
 
 def openblas_core(path: str) -> str | None:
-    """The kernel set ("Haswell", "Cooperlake", ...) the OpenBLAS at `path` runs in this process; None if not
-    OpenBLAS. Loads the library (RTLD_LOCAL) when it is not loaded yet."""
+    """The kernel set ("Haswell", "Cooperlake", ...) the OpenBLAS at `path` runs in this process; None for another
+    BLAS (no `openblas_get_corename`) or no library. Loads it (RTLD_LOCAL) when it is not loaded yet."""
     try:
         corename = ctypes.CDLL(path).openblas_get_corename
     except (OSError, AttributeError):
@@ -265,7 +265,7 @@ def blas_in_use() -> str:
     if not _is_linux():
         return f"platform default ({platform.system() or sys.platform})"
     path = mlx_blas_library()
-    core = openblas_core(path) if path and classify_blas(path) == "OpenBLAS" else None
+    core = openblas_core(path) if path else None
     return f"{classify_blas(path)} ({path}" + (f", {core} kernels)" if core else ")")
 
 
@@ -294,7 +294,7 @@ def ensure_fast_blas(
         return f"BLAS: {current} (fast path disabled by RAGMLX_FAST_BLAS=0)"
     if not uses_reference_blas():
         path = mlx_blas_library()
-        core = openblas_core(path) if path and classify_blas(path) == "OpenBLAS" else None
+        core = openblas_core(path) if path else None
         details = (", preloaded" if env.get("RAGMLX_REEXEC") == "1" else "") + (f", {core} kernels" if core else "")
         hint = forced_kernels_hint(core, env, cpu_flags())
         return f"BLAS: {classify_blas(path)} ({path}{details})" + (f"; {hint}" if hint else "")

@@ -311,3 +311,4 @@ def test_openblas_core_names_the_forced_kernels():
     assert out.returncode == 0, out.stderr
     assert out.stdout.strip() == "Haswell"
     assert fastpath.openblas_core("/nonexistent/libopenblas.so.0") is None
+    assert fastpath.openblas_core("libc.so.6") is None  # a library without openblas_get_corename
