@@ -264,9 +264,13 @@ def blas_in_use() -> str:
         return "Accelerate (macOS)"
     if not _is_linux():
         return f"platform default ({platform.system() or sys.platform})"
-    path = mlx_blas_library()
+    return _describe(mlx_blas_library())
+
+
+def _describe(path: str | None, note: str = "") -> str:
+    """The library at `path` in words, e.g. "OpenBLAS (/path/lib.so<note>, Haswell kernels)"."""
     core = openblas_core(path) if path else None
-    return f"{classify_blas(path)} ({path}" + (f", {core} kernels)" if core else ")")
+    return f"{classify_blas(path)} ({path}{note}" + (f", {core} kernels)" if core else ")")
 
 
 def _command_line(argv: list[str]) -> list[str]:
@@ -294,10 +298,9 @@ def ensure_fast_blas(
         return f"BLAS: {current} (fast path disabled by RAGMLX_FAST_BLAS=0)"
     if not uses_reference_blas():
         path = mlx_blas_library()
-        core = openblas_core(path) if path else None
-        details = (", preloaded" if env.get("RAGMLX_REEXEC") == "1" else "") + (f", {core} kernels" if core else "")
-        hint = forced_kernels_hint(core, env, cpu_flags())
-        return f"BLAS: {classify_blas(path)} ({path}{details})" + (f"; {hint}" if hint else "")
+        hint = forced_kernels_hint(openblas_core(path) if path else None, env, cpu_flags())
+        line = _describe(path, ", preloaded" if env.get("RAGMLX_REEXEC") == "1" else "")
+        return f"BLAS: {line}" + (f"; {hint}" if hint else "")
     if env.get("RAGMLX_REEXEC") == "1":
         preload = env.get("LD_PRELOAD", "")
         return f"BLAS: reference netlib BLAS (slow; preloading {preload!r} did not take effect)"
