@@ -14,7 +14,7 @@ from datasets import BOS_ID, EOS_ID, PAD_ID, Dataset
 from training import UsageError
 import cores
 import distributed as dist
-import kernels
+import cpu_kernels
 from layers import NEG_INF, DecoderBlock, Encoder, check_dims, init_embedding, padding_mask
 
 
@@ -64,7 +64,7 @@ class Pointer(nn.Module):
             if cache is not None:
                 cache["k"] = k
         scores = (self.q_proj(h) * self.scale) @ k.transpose(0, 2, 1) + memory.mask[:, 0]
-        return kernels.softmax(scores), mx.sigmoid(self.gate(h))
+        return cpu_kernels.softmax(scores), mx.sigmoid(self.gate(h))
 
 
 class Generator(nn.Module):
@@ -106,7 +106,7 @@ class Generator(nn.Module):
         h = self.norm(x)
         logits = self.embed.as_linear(h)
         if not self.args.copy:
-            logp = logits - kernels.logsumexp(logits)
+            logp = logits - cpu_kernels.logsumexp(logits)
             return logp if log else mx.exp(logp)
         attn, gate = self.pointer(h, memory, None if cache is None else cache[-1])
         B, T, S = attn.shape
@@ -115,7 +115,7 @@ class Generator(nn.Module):
         t = mx.broadcast_to(mx.arange(T)[None, :, None], (B, T, S))
         v = mx.broadcast_to(memory.tokens[:, None, :], (B, T, S))
         copy = mx.zeros(logits.shape, dtype=attn.dtype).at[b, t, v].add(attn)
-        probs = (1 - gate) * kernels.softmax(logits) + gate * copy
+        probs = (1 - gate) * cpu_kernels.softmax(logits) + gate * copy
         return mx.log(probs + 1e-9) if log else probs
 
     def __call__(self, passages: mx.array, answer_in: mx.array) -> mx.array:

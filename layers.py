@@ -1,7 +1,7 @@
 """Transformer building blocks shared by the retriever and the generator.
 
 Pre-norm blocks with fused projections (one QKV matmul, one KV matmul for cross-attention) and
-attention over all heads at once (`kernels.attention`), so the CPU sees few, large GEMMs.
+attention over all heads at once (`cpu_kernels.attention`), so the CPU sees few, large GEMMs.
 """
 
 from __future__ import annotations
@@ -11,7 +11,7 @@ import math
 import mlx.core as mx
 import mlx.nn as nn
 
-from kernels import attention
+from cpu_kernels import attention, rope
 
 # Additive mask value: large enough to zero a softmax weight, small enough to stay finite in fp16.
 NEG_INF = -1e9
@@ -37,14 +37,14 @@ class SelfAttention(nn.Module):
         self.scale = 1.0 / math.sqrt(dim // num_heads)
         self.qkv_proj = nn.Linear(dim, 3 * dim, bias=False)
         self.out_proj = nn.Linear(dim, dim, bias=False)
-        self.rope = nn.RoPE(dim // num_heads, base=rope_base)
+        self.rope_base = rope_base
 
     def __call__(self, x: mx.array, mask=None, cache: dict | None = None) -> mx.array:
         B, L, D = x.shape
         q, k, v = mx.split(self.qkv_proj(x), 3, axis=-1)
         q, k, v = (t.reshape(B, L, self.num_heads, -1).transpose(0, 2, 1, 3) for t in (q, k, v))
         offset = 0 if cache is None or "k" not in cache else cache["k"].shape[2]
-        q, k = self.rope(q, offset=offset), self.rope(k, offset=offset)
+        q, k = rope(q, self.rope_base, offset), rope(k, self.rope_base, offset)
         if cache is not None:
             if "k" in cache:
                 k = mx.concatenate([cache["k"], k], axis=2)

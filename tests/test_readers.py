@@ -197,6 +197,18 @@ def test_import_hf_datasets_despite_shadowing_module(tmp_path):
     assert "HF " in stdout and str(shadow) not in stdout
 
 
+def test_no_project_module_shadows_an_installed_package_but_datasets():
+    # Our flat modules sit first on sys.path, so one named like an installed package hides it from every library
+    # that imports it (transformers imports the `kernels` package, which a kernels.py here once hid and broke
+    # mlx_lm). `datasets` is the one shadow on purpose (readers.import_hf_datasets gets past it).
+    import importlib.metadata
+
+    installed = importlib.metadata.packages_distributions()
+    ours = {p.stem for p in PROJECT_DIR.glob("*.py")}
+    assert {"datasets", "readers", "generator"} <= ours
+    assert sorted((ours & set(installed)) - {"datasets"}) == []
+
+
 def _hf_row(qid, question, value, aliases, pages, normalized=()):
     return {
         "question": question,
