@@ -130,6 +130,31 @@ def test_spread_generator_loss_and_gradients_equal_the_unspread_ones(streams, co
     assert_same(loss_and_grads(model, G.seq2seq_loss, batch, True), loss_and_grads(model, G.seq2seq_loss, batch, False))
 
 
+def test_generation_encodes_spread_and_decodes_with_the_blas_threads_back(streams):
+    streams(2)
+    rng = np.random.default_rng(2)
+    model = tiny_generator(64)
+    passages = mx.array(rng.integers(4, 64, size=(5, 3, 12)).astype(np.int32))
+    used = []
+    original_map_rows = cores.map_rows
+
+    def recording_map_rows(fn, *arrays):
+        used.append(cores._State.active)
+        return original_map_rows(fn, *arrays)
+
+    cores.map_rows = recording_map_rows
+    try:
+        memory = model.encode_spread(passages)
+    finally:
+        cores.map_rows = original_map_rows
+    assert used == [True] and not cores._State.active  # split inside spread(), which is over once it returns
+    plain = model.encode(passages)
+    for got, want in zip(memory, plain):
+        np.testing.assert_allclose(got, want, atol=1e-5)
+    cached = np.array(mx.stack(list(model.generate(passages, max_tokens=6)), axis=1)).tolist()
+    assert cached == model.generate_recompute(passages, 6)
+
+
 def test_spread_retriever_loss_and_gradients_equal_the_unspread_ones(streams):
     streams(3)
     rng = np.random.default_rng(1)
