@@ -56,8 +56,8 @@ def build_parser() -> argparse.ArgumentParser:
         "--cpu_streams",
         type=int,
         default=0,
-        help="on the CPU, split each training and embedding batch over this many MLX streams, one core each "
-        "(0 = one per core, up to 8; 1 = off)",
+        help="on the CPU, split each training and embedding batch (and the passages a generated answer reads) over "
+        "this many MLX streams, one core each (0 = one per core, up to 8; 1 = off)",
     )
 
     g = p.add_argument_group("data")
