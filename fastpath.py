@@ -325,12 +325,12 @@ def keep_freed_memory() -> None:
     """Let glibc keep freed buffers for reuse instead of returning them to the kernel (Linux; else nothing).
 
     A training step frees and re-allocates the same large buffers every time. By default glibc serves blocks of
-    128 KiB-32 MiB with fresh mmaps and trims the free top of its heap once it passes 128 KiB (at most 32 MiB as
-    the thresholds adapt), so every step faulted zeroed pages back in: ~40,000 page faults and about a third of a
-    generator step in system time here. Blocks up to 32 MiB (glibc's largest mmap threshold) now come from the
-    heap, and its free top is kept up to 2 GiB: a step's memory swings by more than any smaller threshold (dim 256
-    FiD generator, batch 32: 100,000 faults a step at 256 MiB, 3,000 at 2 GiB, 8% faster). Peak memory is
-    unchanged: the heap only keeps what the step itself reached (measured: 2.21 GB either way)."""
+    128 KiB-32 MiB with fresh mmaps and trims the free top of its heap beyond 128 KiB (more once its thresholds
+    adapt, never more than 64 MiB), so every step faulted zeroed pages back in: ~40,000 page faults and about a
+    third of a generator step in system time here. Blocks up to 32 MiB (glibc's largest mmap threshold) now come
+    from the heap, and its free top is kept up to 2 GiB: a step's memory swings by more than any smaller
+    threshold (dim 256 FiD generator, batch 32: 100,000 faults a step at 256 MiB, 3,000 at 2 GiB, 8% faster).
+    Peak memory is unchanged: the heap only keeps what the step itself reached (measured: 2.21 GB either way)."""
     if not _is_linux():
         return
     try:
