@@ -1,4 +1,4 @@
-"""cpu_kernels.py: the CPU softmax / log-sum-exp / attention agree with MLX's own ops, in value and gradient."""
+"""cpu_kernels.py: the CPU softmax / log-sum-exp / attention / RoPE agree with MLX's own ops, in value and gradient."""
 
 import mlx.core as mx
 import numpy as np
