@@ -125,9 +125,14 @@ def _rope_vjp(primals, cotangent, output):
     return _rotate_heads(cotangent, cos, -sin), mx.zeros_like(cos), mx.zeros_like(sin)
 
 
-def rope(x: mx.array, base: float, offset: int = 0) -> mx.array:
-    """Rotary position embedding of x [..., L, d] (MLX's non-traditional layout: the two halves of each head
-    rotate together), positions starting at `offset` (as `mx.fast.rope` with scale 1)."""
+def rope(*heads: mx.array, base: float, offset: int = 0) -> tuple[mx.array, ...]:
+    """Rotary position embedding of each array of heads [..., L, d] (MLX's non-traditional layout: the two halves
+    of each head rotate together), positions starting at `offset` (as `mx.fast.rope` with scale 1). The arrays
+    share their positions (a layer's queries and keys), so the rotation tables are built once for all of them."""
+    x = heads[0]
     if not on_cpu() or x.dtype != mx.float32:
-        return mx.fast.rope(x, x.shape[-1], traditional=False, base=base, scale=1.0, offset=offset)
-    return _rope(x, *rope_tables(x.shape[-2], x.shape[-1], base, offset))
+        return tuple(
+            mx.fast.rope(h, h.shape[-1], traditional=False, base=base, scale=1.0, offset=offset) for h in heads
+        )
+    tables = rope_tables(x.shape[-2], x.shape[-1], base, offset)
+    return tuple(_rope(h, *tables) for h in heads)

@@ -44,7 +44,7 @@ class SelfAttention(nn.Module):
         q, k, v = mx.split(self.qkv_proj(x), 3, axis=-1)
         q, k, v = (t.reshape(B, L, self.num_heads, -1).transpose(0, 2, 1, 3) for t in (q, k, v))
         offset = 0 if cache is None or "k" not in cache else cache["k"].shape[2]
-        q, k = rope(q, self.rope_base, offset), rope(k, self.rope_base, offset)
+        q, k = rope(q, k, base=self.rope_base, offset=offset)
         if cache is not None:
             if "k" in cache:
                 k = mx.concatenate([cache["k"], k], axis=2)

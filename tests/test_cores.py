@@ -130,7 +130,7 @@ def test_spread_generator_loss_and_gradients_equal_the_unspread_ones(streams, co
     assert_same(loss_and_grads(model, G.seq2seq_loss, batch, True), loss_and_grads(model, G.seq2seq_loss, batch, False))
 
 
-def test_generation_encodes_spread_and_decodes_with_the_blas_threads_back(streams):
+def test_generation_encodes_spread_then_leaves_spread_for_decoding(streams, monkeypatch):
     streams(2)
     rng = np.random.default_rng(2)
     model = tiny_generator(64)
@@ -142,11 +142,9 @@ def test_generation_encodes_spread_and_decodes_with_the_blas_threads_back(stream
         used.append(cores._State.active)
         return original_map_rows(fn, *arrays)
 
-    cores.map_rows = recording_map_rows
-    try:
-        memory = model.encode_spread(passages)
-    finally:
-        cores.map_rows = original_map_rows
+    monkeypatch.setattr(cores, "map_rows", recording_map_rows)
+    memory = model.encode_spread(passages)
+    monkeypatch.undo()
     assert used == [True] and not cores._State.active  # split inside spread(), which is over once it returns
     plain = model.encode(passages)
     for got, want in zip(memory, plain):

@@ -71,7 +71,7 @@ def test_rope_matches_mlx_fast_rope_on_a_heads_view_with_gradients(offset):
         return mx.fast.rope(heads(a), 16, traditional=False, base=10000.0, scale=1.0, offset=offset)
 
     def ours(a):
-        return cpu_kernels.rope(heads(a), 10000.0, offset)
+        return cpu_kernels.rope(heads(a), base=10000.0, offset=offset)[0]
 
     np.testing.assert_allclose(ours(x), theirs(x), atol=1e-5)
     assert not np.allclose(ours(x), heads(x), atol=1e-2)  # it does rotate
@@ -79,12 +79,24 @@ def test_rope_matches_mlx_fast_rope_on_a_heads_view_with_gradients(offset):
     np.testing.assert_allclose(grads[0], grads[1], atol=1e-5)
     compiled = mx.compile(mx.grad(lambda a: (ours(a) * w).sum()))
     np.testing.assert_allclose(compiled(x), grads[1], atol=1e-5)
+    # queries and keys rotated in one call (one set of tables) each come out as if rotated alone
+    q_rot, k_rot = cpu_kernels.rope(heads(x), w, base=10000.0, offset=offset)
+    np.testing.assert_allclose(q_rot, theirs(x), atol=1e-5)
+    np.testing.assert_allclose(
+        k_rot, mx.fast.rope(w, 16, traditional=False, base=10000.0, scale=1.0, offset=offset), atol=1e-5
+    )
 
 
 def test_rope_keeps_norms_and_is_relative():
     # a rotation: each head vector keeps its length, and q.k depends on the positions' difference only
     q = mx.random.normal((1, 1, 1, 8), key=mx.random.key(5))
     k = mx.random.normal((1, 1, 1, 8), key=mx.random.key(6))
-    dots = [(cpu_kernels.rope(q, 100.0, p + 3) * cpu_kernels.rope(k, 100.0, p)).sum().item() for p in (0, 9, 40)]
+    rotated = [
+        (cpu_kernels.rope(q, base=100.0, offset=p + 3)[0], cpu_kernels.rope(k, base=100.0, offset=p)[0])
+        for p in (0, 9, 40)
+    ]
+    dots = [(a * b).sum().item() for a, b in rotated]
     np.testing.assert_allclose(dots, dots[0], rtol=1e-5)
-    np.testing.assert_allclose(mx.linalg.norm(cpu_kernels.rope(q, 100.0, 17)), mx.linalg.norm(q), rtol=1e-6)
+    np.testing.assert_allclose(
+        mx.linalg.norm(cpu_kernels.rope(q, base=100.0, offset=17)[0]), mx.linalg.norm(q), rtol=1e-6
+    )
