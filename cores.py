@@ -92,19 +92,28 @@ def spread():
             blas[1](previous)
 
 
+def row_parts(rows: int) -> list[tuple[mx.Stream, slice]]:
+    """How `map_rows` splits `rows` rows: inside `spread`, one contiguous slice per stream (at most one per row);
+    otherwise every row on the default stream. For work that keeps per-slice state between calls (decoding
+    with a cache), call it inside `spread` and evaluate each later call inside `spread` too."""
+    parts = min(count(), rows) if _State.active else 1
+    if parts < 2:
+        return [(mx.default_stream(mx.default_device()), slice(0, rows))]
+    bounds = [rows * i // parts for i in range(parts + 1)]
+    return [(stream, slice(start, stop)) for stream, start, stop in zip(_State.streams, bounds, bounds[1:])]
+
+
 def map_rows(fn: Callable, *arrays: mx.array):
     """`fn(*arrays)` with the rows (axis 0) of every array split into one slice per stream inside `spread`;
     the outputs (an array or a tuple of arrays, each with the rows along axis 0) are concatenated back.
     Outside `spread`, or with fewer rows than two, exactly `fn(*arrays)`."""
-    rows = arrays[0].shape[0]
-    parts = min(count(), rows) if _State.active else 1
-    if parts < 2:
+    parts = row_parts(arrays[0].shape[0])
+    if len(parts) < 2:
         return fn(*arrays)
-    bounds = [rows * i // parts for i in range(parts + 1)]
     outs = []
-    for stream, start, stop in zip(_State.streams, bounds, bounds[1:]):
+    for stream, rows in parts:
         with mx.stream(stream):
-            outs.append(fn(*(a[start:stop] for a in arrays)))
+            outs.append(fn(*(a[rows] for a in arrays)))
     if isinstance(outs[0], mx.array):
         return mx.concatenate(outs, axis=0)
     merged = [mx.concatenate(column, axis=0) for column in zip(*outs)]

@@ -221,8 +221,10 @@ def summarise(args, data, retr, index, gen, split: str = "test", max_questions: 
     report["random_recall@5"] = recall_at_k(random_chunks(data, len(answerable), 5, args.seed), relevant, ks=(5,))[5]
     if gen is not None:
         _, top = retrieve(retr, data, index, args.top_k, ids)
-        em_r, _ = generator.answer_metrics(gen, data, ids, top)
-        em_x, _ = generator.answer_metrics(gen, data, ids, random_chunks(data, len(ids), args.top_k, args.seed))
+        em_r, _ = generator.evaluate_answers(gen, data, ids, top, loss=False)
+        em_x, _ = generator.evaluate_answers(
+            gen, data, ids, random_chunks(data, len(ids), args.top_k, args.seed), loss=False
+        )
         report.update(
             {"em_retrieved": em_r["em"], "f1_retrieved": em_r["f1"], "em_random": em_x["em"], "f1_random": em_x["f1"]}
         )

@@ -153,6 +153,46 @@ def test_generation_encodes_spread_then_leaves_spread_for_decoding(streams, monk
     assert cached == model.generate_recompute(passages, 6)
 
 
+def test_spread_decoding_gives_the_unspread_tokens_and_cache_per_slice(streams):
+    rng = np.random.default_rng(3)
+    model = tiny_generator(64)
+    passages = mx.array(rng.integers(4, 64, size=(5, 3, 12)).astype(np.int32))
+    streams(1)
+    plain = np.array(mx.stack(list(model.generate(passages, max_tokens=6)), axis=1))
+    streams(2)
+    spread = np.array(mx.stack(list(model.generate(passages, max_tokens=6)), axis=1))
+    assert spread.tolist() == plain.tolist()
+    assert not cores._State.active  # each step leaves spread() before yielding its tokens
+    one = np.array(mx.stack(list(model.generate(passages[:1], max_tokens=6)), axis=1))
+    assert one.tolist() == plain[:1].tolist()  # a single row: nothing to spread
+
+
+def test_evaluation_encodes_each_batch_once_for_loss_and_answers(streams, tmp_path, monkeypatch):
+    streams(2)
+    data = build_builtin(tmp_path / "dataset", corpus_size=30, context_size=32)
+    model = tiny_generator(data.vocab_size)
+    ids = data.split_indices("train")[:10]
+    chunks = np.random.default_rng(4).integers(0, len(data.chunks), size=(10, 2))
+    encoded = []
+    encode_spread = G.Generator.encode_spread
+    monkeypatch.setattr(G.Generator, "encode_spread", lambda m, p: encoded.append(p.shape[0]) or encode_spread(m, p))
+    metrics, predictions = G.evaluate_answers(model, data, ids, chunks, batch_size=4)
+    assert encoded == [4, 4, 2]
+    monkeypatch.undo()
+    nll = ntok = 0.0
+    for i in range(0, 10, 4):
+        answer_in, answer_out = G.teacher_forcing(np.asarray(data.answers[ids[i : i + 4]]))
+        passages = G.build_passages(data, data.questions[ids[i : i + 4]], chunks[i : i + 4])
+        loss, (_, n) = G.seq2seq_loss(model, *(mx.array(a) for a in (passages, answer_in, answer_out)))
+        nll, ntok = nll + loss.item() * n.item(), ntok + n.item()
+    assert metrics["valid_loss"] == pytest.approx(nll / ntok, rel=1e-5)
+    passages = G.build_passages(data, data.questions[ids], chunks)
+    assert predictions == [data.decode(t) for t in G.greedy_answers(model, passages, batch_size=4)]
+    assert set(metrics) == {"valid_loss", "em", "f1"}
+    only_answers, again = G.evaluate_answers(model, data, ids, chunks, batch_size=4, loss=False)
+    assert set(only_answers) == {"em", "f1"} and again == predictions
+
+
 def test_spread_retriever_loss_and_gradients_equal_the_unspread_ones(streams):
     streams(3)
     rng = np.random.default_rng(1)
