@@ -101,9 +101,11 @@ class Generator(nn.Module):
             mx.eval(memory)
         return memory
 
-    def decode(self, tokens: mx.array, memory: Memory, cache: list | None = None, log: bool = True) -> mx.array:
-        """tokens [B, T] -> log-probabilities [B, T, V] (probabilities with `log=False`). With a cache, only the
-        new tokens are passed in."""
+    def decode(
+        self, tokens: mx.array, memory: Memory, cache: list | None = None, log: bool = True, last: bool = False
+    ) -> mx.array:
+        """tokens [B, T] -> log-probabilities [B, T, V] (probabilities with `log=False`; with `last`, of the last
+        position only: [B, 1, V]). With a cache, only the new tokens are passed in."""
         x = self.embed(tokens)
         T = x.shape[1]
         if cache is None or T > 1:
@@ -113,7 +115,7 @@ class Generator(nn.Module):
             causal = None  # one new token attends to every cached one
         for i, block in enumerate(self.blocks):
             x = block(x, memory.states, causal, memory.mask, None if cache is None else cache[i])
-        h = self.norm(x)
+        h = self.norm(x[:, -1:] if last else x)
         logits = self.embed.as_linear(h)
         if not self.args.copy:
             logp = logits - cpu_kernels.logsumexp(logits)
@@ -162,7 +164,8 @@ class Generator(nn.Module):
                 logits = []
                 for stream, rows, part_memory, cache in parts:
                     with mx.stream(stream):
-                        logits.append(self.decode(tokens[rows], part_memory, cache)[:, -1, :])
+                        # greedy: the argmax of the probabilities, without a log over the vocabulary
+                        logits.append(self.decode(tokens[rows], part_memory, cache, log=temperature > 0)[:, -1, :])
                 logits = mx.concatenate(logits, axis=0) if len(logits) > 1 else logits[0]
                 if temperature <= 0:
                     nxt = mx.argmax(logits, axis=-1)
@@ -183,11 +186,12 @@ class Generator(nn.Module):
 
     def generate_recompute(self, passages: mx.array, max_tokens: int) -> list[list[int]]:
         """Greedy decoding that re-runs the decoder over the whole prefix for every token (the reference the
-        cached path is tested and benchmarked against; spread over the cores as `generate` is)."""
+        cached path is tested and benchmarked against; spread over the cores as `generate` is, and the output
+        head applied to the last position only, as a cache-less decoder needs)."""
         memory = self.encode_spread(passages)
 
         def last_logits(tokens, *memory_rows):
-            return self.decode(tokens, Memory(*memory_rows))[:, -1, :]
+            return self.decode(tokens, Memory(*memory_rows), log=False, last=True)[:, -1, :]
 
         tokens = mx.full((passages.shape[0], 1), BOS_ID, dtype=mx.int32)
         for _ in range(max_tokens):

@@ -154,6 +154,9 @@ def test_cached_logits_equal_full_recompute(copy):
     stepwise = np.concatenate([np.array(x) for x in pieces], axis=1)
     assert stepwise.shape == full.shape
     assert np.abs(stepwise - full).max() < 1e-4
+    last = np.array(model.decode(seq, memory, log=False, last=True))  # the head on the last position only
+    assert last.shape == (2, 1, V)
+    np.testing.assert_allclose(np.log(last + 1e-9), full[:, -1:], atol=1e-4)
 
 
 def test_sampling_top_k_one_is_greedy_and_seeded_sampling_reproduces():
