@@ -163,6 +163,9 @@ def test_spread_decoding_gives_the_unspread_tokens_and_cache_per_slice(streams):
     spread = np.array(mx.stack(list(model.generate(passages, max_tokens=6)), axis=1))
     assert spread.tolist() == plain.tolist()
     assert not cores._State.active  # each step leaves spread() before yielding its tokens
+    # spread sampling: top-1 is greedy
+    top1 = model.generate(passages, max_tokens=6, temperature=0.7, sample_top_k=1, seed=0)
+    assert np.array(mx.stack(list(top1), axis=1)).tolist() == plain.tolist()
     one = np.array(mx.stack(list(model.generate(passages[:1], max_tokens=6)), axis=1))
     assert one.tolist() == plain[:1].tolist()  # a single row: nothing to spread
 
