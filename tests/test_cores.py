@@ -196,6 +196,26 @@ def test_evaluation_encodes_each_batch_once_for_loss_and_answers(streams, tmp_pa
     assert set(only_answers) == {"em", "f1"} and again == predictions
 
 
+def test_index_build_embeds_spread_and_stores_what_embed_returns(streams, tmp_path, monkeypatch):
+    import index as chunk_index
+
+    streams(2)
+    model = tiny_retriever(64, embedding_dim=16)
+    chunks = np.random.default_rng(5).integers(4, 64, size=(300, 12)).astype(np.int32)
+    active = []
+    original_map_rows = cores.map_rows
+
+    def recording_map_rows(fn, *arrays):
+        active.append(cores._State.active)
+        return original_map_rows(fn, *arrays)
+
+    monkeypatch.setattr(cores, "map_rows", recording_map_rows)
+    chunk_index.write_shard(model, chunks, tmp_path / "shard.npy", batch_size=128)
+    assert active == [True, True, True]  # every batch spread over the streams
+    monkeypatch.undo()
+    np.testing.assert_array_equal(np.load(tmp_path / "shard.npy"), np.array(chunk_index.embed(model, chunks, 128)))
+
+
 def test_spread_retriever_loss_and_gradients_equal_the_unspread_ones(streams):
     streams(3)
     rng = np.random.default_rng(1)
