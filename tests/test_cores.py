@@ -28,6 +28,20 @@ def streams():
     cores.configure(before)
 
 
+@pytest.fixture
+def spread_calls(monkeypatch) -> list[bool]:
+    """Record, for every `cores.map_rows` call, whether it ran inside `spread()` (`monkeypatch.undo()` stops it)."""
+    calls = []
+    original_map_rows = cores.map_rows
+
+    def recording_map_rows(fn, *arrays):
+        calls.append(cores._State.active)
+        return original_map_rows(fn, *arrays)
+
+    monkeypatch.setattr(cores, "map_rows", recording_map_rows)
+    return calls
+
+
 class Pair(NamedTuple):
     a: mx.array
     b: mx.array
@@ -130,19 +144,12 @@ def test_spread_generator_loss_and_gradients_equal_the_unspread_ones(streams, co
     assert_same(loss_and_grads(model, G.seq2seq_loss, batch, True), loss_and_grads(model, G.seq2seq_loss, batch, False))
 
 
-def test_generation_encodes_spread_then_leaves_spread_for_decoding(streams, monkeypatch):
+def test_generation_encodes_spread_then_leaves_spread_for_decoding(streams, spread_calls, monkeypatch):
     streams(2)
     rng = np.random.default_rng(2)
     model = tiny_generator(64)
     passages = mx.array(rng.integers(4, 64, size=(5, 3, 12)).astype(np.int32))
-    used = []
-    original_map_rows = cores.map_rows
-
-    def recording_map_rows(fn, *arrays):
-        used.append(cores._State.active)
-        return original_map_rows(fn, *arrays)
-
-    monkeypatch.setattr(cores, "map_rows", recording_map_rows)
+    used = spread_calls
     memory = model.encode_spread(passages)
     monkeypatch.undo()
     assert used == [True] and not cores._State.active  # split inside spread(), which is over once it returns
@@ -196,22 +203,14 @@ def test_evaluation_encodes_each_batch_once_for_loss_and_answers(streams, tmp_pa
     assert set(only_answers) == {"em", "f1"} and again == predictions
 
 
-def test_index_build_embeds_spread_and_stores_what_embed_returns(streams, tmp_path, monkeypatch):
+def test_index_build_embeds_spread_and_stores_what_embed_returns(streams, spread_calls, tmp_path, monkeypatch):
     import index as chunk_index
 
     streams(2)
     model = tiny_retriever(64, embedding_dim=16)
     chunks = np.random.default_rng(5).integers(4, 64, size=(300, 12)).astype(np.int32)
-    active = []
-    original_map_rows = cores.map_rows
-
-    def recording_map_rows(fn, *arrays):
-        active.append(cores._State.active)
-        return original_map_rows(fn, *arrays)
-
-    monkeypatch.setattr(cores, "map_rows", recording_map_rows)
     chunk_index.write_shard(model, chunks, tmp_path / "shard.npy", batch_size=128)
-    assert active == [True, True, True]  # every batch spread over the streams
+    assert spread_calls == [True, True, True]  # every batch spread over the streams
     monkeypatch.undo()
     np.testing.assert_array_equal(np.load(tmp_path / "shard.npy"), np.array(chunk_index.embed(model, chunks, 128)))
 
