@@ -103,17 +103,25 @@ def row_parts(rows: int) -> list[tuple[mx.Stream, slice]]:
     return [(stream, slice(start, stop)) for stream, start, stop in zip(_State.streams, bounds, bounds[1:])]
 
 
-def map_rows(fn: Callable, *arrays: mx.array):
-    """`fn(*arrays)` with the rows (axis 0) of every array split into one slice per stream inside `spread`;
-    the outputs (an array or a tuple of arrays, each with the rows along axis 0) are concatenated back.
-    Outside `spread`, or with fewer rows than two, exactly `fn(*arrays)`."""
-    parts = row_parts(arrays[0].shape[0])
+def take_rows(value, rows: slice):
+    """`value[rows]` for an array, field by field for a NamedTuple of arrays (such as the generator's Memory)."""
+    if hasattr(value, "_fields"):
+        return type(value)(*(field[rows] for field in value))
+    return value[rows]
+
+
+def map_rows(fn: Callable, *arrays):
+    """`fn(*arrays)` with the rows (axis 0) of every array (or NamedTuple of arrays) split into one slice per
+    stream inside `spread`; the outputs (an array or a tuple of arrays, each with the rows along axis 0) are
+    concatenated back. Outside `spread`, or with fewer rows than two, exactly `fn(*arrays)`."""
+    first = arrays[0][0] if hasattr(arrays[0], "_fields") else arrays[0]
+    parts = row_parts(first.shape[0])
     if len(parts) < 2:
         return fn(*arrays)
     outs = []
     for stream, rows in parts:
         with mx.stream(stream):
-            outs.append(fn(*(a[rows] for a in arrays)))
+            outs.append(fn(*(take_rows(a, rows) for a in arrays)))
     if isinstance(outs[0], mx.array):
         return mx.concatenate(outs, axis=0)
     merged = [mx.concatenate(column, axis=0) for column in zip(*outs)]

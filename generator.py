@@ -156,7 +156,7 @@ class Generator(nn.Module):
         memory = self.encode_spread(passages) if memory is None else memory
         B = memory.states.shape[0]
         with cores.spread():
-            parts = [(s, rows, Memory(*(x[rows] for x in memory)), self.make_cache()) for s, rows in cores.row_parts(B)]
+            parts = [(s, rows, cores.take_rows(memory, rows), self.make_cache()) for s, rows in cores.row_parts(B)]
         spread = cores.spread if len(parts) > 1 else nullcontext  # one row: keep the BLAS threads
         tokens = mx.full((B, 1), BOS_ID, dtype=mx.int32)
         for _ in range(max_tokens):
@@ -189,13 +189,13 @@ class Generator(nn.Module):
         head applied to the last position only, as a cache-less decoder needs)."""
         memory = self.encode_spread(passages)
 
-        def last_logits(tokens, *memory_rows):
-            return self.decode(tokens, Memory(*memory_rows), log=False, last=True)[:, -1, :]
+        def last_probs(tokens, memory):
+            return self.decode(tokens, memory, log=False, last=True)[:, -1, :]
 
         tokens = mx.full((passages.shape[0], 1), BOS_ID, dtype=mx.int32)
         for _ in range(max_tokens):
             with cores.spread():
-                nxt = mx.argmax(cores.map_rows(last_logits, tokens, *memory), axis=-1).astype(mx.int32)
+                nxt = mx.argmax(cores.map_rows(last_probs, tokens, memory), axis=-1).astype(mx.int32)
                 tokens = mx.concatenate([tokens, nxt[:, None]], axis=1)
                 mx.eval(tokens)
         return np.array(tokens[:, 1:]).tolist()
@@ -312,11 +312,8 @@ def evaluate_answers(
         if loss:
             answer_in, answer_out = (mx.array(a) for a in teacher_forcing(np.asarray(data.answers[q])))
             with cores.spread():
-                sums = cores.map_rows(
-                    lambda ai, ao, *m: _answer_sums(model, Memory(*m), ai, ao), answer_in, answer_out, *memory
-                )
-                batch_nll, _, batch_ntok = (x.sum().item() for x in sums)
-            nll, ntok = nll + batch_nll, ntok + int(batch_ntok)
+                batch_nll, _, batch_ntok = cores.map_rows(partial(_answer_sums, model), memory, answer_in, answer_out)
+                nll, ntok = nll + batch_nll.sum().item(), ntok + int(batch_ntok.sum().item())  # accuracy: unused
         predictions += [data.decode(t) for t in until_eos(model.generate(passages, memory=memory))]
     scores = aggregate_qa(predictions, [data.qa[int(i)]["answers"] for i in question_ids])
     metrics = {"valid_loss": nll / max(ntok, 1)} if loss else {}

@@ -56,7 +56,7 @@ def build_parser() -> argparse.ArgumentParser:
         "--cpu_streams",
         type=int,
         default=0,
-        help="on the CPU, split each training and embedding batch (and the passages a generated answer reads) over "
+        help="on the CPU, split each training and embedding batch (and a batch of generated answers) over "
         "this many MLX streams, one core each (0 = one per core, up to 8; 1 = off)",
     )
 

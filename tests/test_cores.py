@@ -71,6 +71,9 @@ def test_map_rows_splits_over_distinct_streams_and_concatenates_in_order(streams
         few = cores.map_rows(lambda r: r + 1, x[:2])
     assert isinstance(plain, tuple) and plain[1].shape == (7, 1)
     np.testing.assert_array_equal(few, np.array(x[:2]) + 1)
+    with cores.spread():  # a NamedTuple of arrays as an input is split field by field
+        pairs = cores.map_rows(lambda p, r: p.a + p.b[:, None] + r, Pair(x, x[:, 0]), x)
+    np.testing.assert_array_equal(pairs, np.array(x) * 2 + np.array(x[:, :1]))
 
 
 def test_outside_spread_or_with_one_stream_nothing_is_split(streams):
