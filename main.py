@@ -100,7 +100,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     g = p.add_argument_group("training (default: taken from the checkpoint when resuming)")
     g.add_argument("--batch_size", type=int, default=None, help="questions per step [32]")
-    g.add_argument("--num_iters", type=int, default=None, help="generator training steps [300]")
+    g.add_argument("--num_iters", type=int, default=None, help="generator training steps [400]")
     g.add_argument("--retriever_iters", type=int, default=None, help="retriever training steps [400]")
     g.add_argument("--learning_rate", type=float, default=None, help="peak learning rate [1e-3]")
     g.add_argument("--weight_decay", type=float, default=None, help="AdamW weight decay [0.01]")
