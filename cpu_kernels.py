@@ -4,9 +4,9 @@ MLX's CPU `exp` is a scalar loop (~10 ns a float here, 17x slower than numpy's v
 the heart of every softmax: in a training step of our encoder, attention's softmax costs more than the matmuls
 around it. On the CPU this module computes exp(x) for x <= 0 (all a max-subtracted softmax needs) with the
 classic range reduction, x = n ln2 + r, a degree-6 polynomial for e^r (Cephes' expf coefficients, ~1e-7
-relative error, like the library's) and 2^n built in the float's exponent bits. The polynomial is one
-`mx.compile`d kernel; the backward passes are written by hand, so they never differentiate through it. On a GPU
-the same functions call MLX's own fused kernels.
+relative error, like the library's) and 2^n built in the float's exponent bits, in two `mx.compile`d kernels
+(the shift of a softmax's max included); the backward passes are written by hand, so they never differentiate
+through it. On a GPU the same functions call MLX's own fused kernels.
 
 RoPE: `mx.fast.rope` is a fused kernel on the GPU but ~3.5x slower on the CPU than the same rotation written as
 two products and a sum over a view that swaps each head's halves, which `mx.compile` fuses into one kernel (the
@@ -31,28 +31,37 @@ def on_cpu() -> bool:
 
 
 @mx.compile
-def _exp_parts(x: mx.array) -> tuple[mx.array, mx.array]:
-    """e^r and the bits of 2^n, where x = n ln2 + r, for x in [-87, 0] (smaller x is clamped: e^-87 ~ 1.6e-38)."""
-    x = mx.maximum(x, -87.0)
-    n = (x * _LOG2E + _ROUND) - _ROUND
-    r = x - n * _LN2_HI - n * _LN2_LO
-    p = _EXP_COEFFS[0]
-    for c in _EXP_COEFFS[1:]:
-        p = p * r + c
-    return p * (r * r) + r + 1.0, mx.left_shift(n.astype(mx.int32) + 127, 23)
+def _exp_reduce(x: mx.array, shift: mx.array) -> tuple[mx.array, mx.array]:
+    """r and the bits of 2^n, where x - shift = n ln2 + r, for x - shift in [-87, 0] (smaller is clamped:
+    e^-87 ~ 1.6e-38)."""
+    y = mx.maximum(x - shift, -87.0)
+    n = (y * _LOG2E + _ROUND) - _ROUND
+    return y - n * _LN2_HI - n * _LN2_LO, mx.left_shift(n.astype(mx.int32) + 127, 23)
 
 
-def exp_nonpositive(x: mx.array) -> mx.array:
-    """exp(x) for float32 x <= 0 (not differentiable; the callers below supply their gradients)."""
+@mx.compile
+def _exp_poly(r: mx.array, scale: mx.array) -> mx.array:
+    """e^r * scale, the polynomial in Estrin's form: `mx.compile` fuses at most 11 ops deep, and Horner's
+    12-deep chain was split into several kernels, each a pass over the array."""
+    r2 = r * r
+    c = _EXP_COEFFS
+    p = ((c[0] * r + c[1]) * r2 + (c[2] * r + c[3])) * r2 + (c[4] * r + c[5])
+    return (p * r2 + r + 1.0) * scale
+
+
+def exp_nonpositive(x: mx.array, shift: mx.array | float = 0.0) -> mx.array:
+    """exp(x - shift) for float32 x - shift <= 0, `shift` broadcast against x (not differentiable; the callers
+    below supply their gradients). On the CPU it takes two fused kernels (the subtraction and a Horner chain
+    took several more): softmax over [320, 4, 80, 80] scores 41 -> 34 ms, generator training step ~3% faster."""
     if not on_cpu() or x.dtype != mx.float32:
-        return mx.exp(x)
-    mantissa, exponent = _exp_parts(x)
-    return mantissa * exponent.view(mx.float32)
+        return mx.exp(x - shift)
+    r, exponent = _exp_reduce(x, mx.array(shift, dtype=x.dtype) if not isinstance(shift, mx.array) else shift)
+    return _exp_poly(r, exponent.view(mx.float32))
 
 
 @mx.custom_function
 def _softmax(x: mx.array) -> mx.array:
-    e = exp_nonpositive(x - x.max(axis=-1, keepdims=True))
+    e = exp_nonpositive(x, x.max(axis=-1, keepdims=True))
     return e / e.sum(axis=-1, keepdims=True)
 
 
@@ -69,13 +78,13 @@ def softmax(x: mx.array) -> mx.array:
 @mx.custom_function
 def _logsumexp(x: mx.array) -> mx.array:
     top = x.max(axis=-1, keepdims=True)
-    return top + mx.log(exp_nonpositive(x - top).sum(axis=-1, keepdims=True))
+    return top + mx.log(exp_nonpositive(x, top).sum(axis=-1, keepdims=True))
 
 
 @_logsumexp.vjp
 def _logsumexp_vjp(primals, cotangent, output):
     x = primals[0] if isinstance(primals, (tuple, list)) else primals  # MLX passes a lone input bare
-    return (cotangent * exp_nonpositive(x - output),)
+    return (cotangent * exp_nonpositive(x, output),)
 
 
 def logsumexp(x: mx.array) -> mx.array:

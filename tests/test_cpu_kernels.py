@@ -17,6 +17,18 @@ def test_exp_nonpositive_matches_float64_exp_to_float32_precision():
     assert np.all(got[~normal] < 1.1e-37) and np.all(got >= 0)  # clamped far tail: ~0, never negative or NaN
 
 
+def test_exp_nonpositive_subtracts_a_broadcast_shift():
+    rng = np.random.default_rng(0)
+    x = (rng.standard_normal((4, 3, 50)) * 10).astype(np.float32)
+    top = x.max(axis=-1, keepdims=True)  # one shift per row, as a softmax uses it
+    got = np.array(cpu_kernels.exp_nonpositive(mx.array(x), mx.array(top)), dtype=np.float64)
+    # the subtraction rounds in float32, as it does before any exp of x - max
+    np.testing.assert_allclose(got, np.exp((x - top).astype(np.float64)), rtol=3e-7, atol=1e-37)
+    y = x - np.float32(40.0)
+    scalar = np.array(cpu_kernels.exp_nonpositive(mx.array(y), -10.0), dtype=np.float64)
+    np.testing.assert_allclose(scalar, np.exp((y + np.float32(10.0)).astype(np.float64)), rtol=3e-7, atol=1e-37)
+
+
 @pytest.mark.parametrize("shape", [(3, 7), (2, 4, 5, 33)])
 def test_softmax_and_logsumexp_match_mlx_with_gradients(shape):
     x = mx.random.normal(shape, key=mx.random.key(0)) * 8
