@@ -55,7 +55,8 @@ def exp_nonpositive(x: mx.array, shift: mx.array | float = 0.0) -> mx.array:
     took several more): softmax over [320, 4, 80, 80] scores 41 -> 34 ms, generator training step ~3% faster."""
     if not on_cpu() or x.dtype != mx.float32:
         return mx.exp(x - shift)
-    r, exponent = _exp_reduce(x, mx.array(shift, dtype=x.dtype) if not isinstance(shift, mx.array) else shift)
+    shift = shift if isinstance(shift, mx.array) else mx.array(shift, dtype=x.dtype)
+    r, exponent = _exp_reduce(x, shift)
     return _exp_poly(r, exponent.view(mx.float32))
 
 
