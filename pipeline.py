@@ -31,9 +31,9 @@ TRAIN_DEFAULTS = {
     "keep": 3,
 }
 # Per model. The generator trains on 32 questions a step: a step of 32 takes ~1.8x a step of 16 (larger GEMMs) and
-# learns more than two of them. Built-in corpus, same retriever and chunks, two seeds: 400 steps of 32 reach a
-# lower validation loss than 800 steps of 16 (1.640 / 1.770 vs 1.886 / 1.845; test EM 21.1 / 14.2 vs 16.6 / 16.3)
-# in ~0.9x the generator time; 300 steps of 32 were worse on one seed (2.002, test EM 12.3).
+# learns more than two of them. Built-in corpus, two seeds, same retriever and chunks (README "Results"): 400 steps
+# of 32 reach a lower validation loss than 800 steps of 16 (1.640 / 1.770 vs 1.886 / 1.845) in ~0.85x the
+# generator stage's time; 300 steps of 32 were worse on one seed (2.002).
 STAGE_DEFAULTS = {"retriever": {"num_iters": 400, "batch_size": 32}, "generator": {"num_iters": 400, "batch_size": 32}}
 
 
