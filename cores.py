@@ -10,12 +10,20 @@ While spread, the BLAS runs one thread per call (each stream's matmuls already u
 threads would fight the streams for the same cores). MLX orders a graph's ops breadth-first only up to a width
 (`MLX_BFS_MAX_WIDTH`, default 20, read once, at the first evaluation) and depth-first beyond it, which would run
 the slices one after the other; `widen_graph_order` must run before anything is evaluated.
+
+`mx.compile` first simplifies a traced graph: it merges equal scalar constants, then ops with the same inputs,
+without looking at their streams. The slices' graphs have the same shapes, so the broadcasts of a constant (an
+epsilon, a polynomial coefficient) on every stream merge into the first stream's; the fused kernels of the other
+streams then read it as a full-size strided input and run the slow strided loops. `configure` turns that
+simplification off while spreading (MLX's own `no_simplify` compile mode; fusion stays on): a generator training
+step ~9% faster on 2 cores, the same losses and gradients bit for bit.
 """
 
 from __future__ import annotations
 
 import ctypes
 import functools
+import glob
 import os
 from contextlib import contextmanager
 from typing import Callable
@@ -49,10 +57,36 @@ def configure(n: int = 0) -> int:
     if n < 0:
         raise ValueError(f"--cpu_streams must be >= 0, got {n}")
     n = n or min(available_cores(), MAX_AUTO_STREAMS)
+    if n > 1:
+        keep_streams_apart_in_compile()
     while len(_State.streams) < n:  # streams (and their threads) are created once and reused
         _State.streams.append(mx.new_stream(mx.cpu))
     _State.n = n
     return n
+
+
+# mlx::core::set_compile_mode(CompileMode) from MLX's C++ API (mlx/compile.h), which Python does not bind, and
+# its enum: disabled, no_simplify, no_fuse, enabled.
+_SET_COMPILE_MODE = "_ZN3mlx4core16set_compile_modeENS0_11CompileModeE"
+_NO_SIMPLIFY = 1
+
+
+@functools.cache  # once per process
+def keep_streams_apart_in_compile() -> bool:
+    """Compile without MLX's graph simplification, so that constants stay on each stream's own kernels (see the
+    module's docstring). Skipped when MLX_DISABLE_COMPILE is set (that mode must stay off) or the library does
+    not export the function; returns whether it was set."""
+    if os.environ.get("MLX_DISABLE_COMPILE"):
+        return False
+    for path in sorted(glob.glob(os.path.join(os.path.dirname(mx.__file__), "lib", "libmlx.*"))):
+        try:
+            set_mode = getattr(ctypes.CDLL(path), _SET_COMPILE_MODE)
+        except (OSError, AttributeError):
+            continue
+        set_mode.argtypes, set_mode.restype = [ctypes.c_int], None
+        set_mode(_NO_SIMPLIFY)
+        return True
+    return False
 
 
 def count() -> int:

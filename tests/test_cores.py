@@ -4,6 +4,10 @@ from __future__ import annotations
 
 import contextlib
 import ctypes
+import glob
+import os
+import subprocess
+import sys
 from functools import partial
 from typing import NamedTuple
 
@@ -15,6 +19,7 @@ import pytest
 from helpers import build_builtin, tiny_generator, tiny_retriever
 
 import cores  # noqa: E402
+import fastpath  # noqa: E402
 import generator as G  # noqa: E402
 import retriever as R  # noqa: E402
 import training as T  # noqa: E402
@@ -261,3 +266,35 @@ def test_training_with_spread_steps_follows_the_unspread_run(streams, tmp_path):
         )
     assert len(losses[1]) == 8 and losses[1][-1] < losses[1][0]
     np.testing.assert_allclose(losses[2], losses[1], rtol=1e-3)
+
+
+_KERNELS_SCRIPT = """
+import ctypes, os, sys
+import mlx.core as mx
+import cores
+cores.configure(2)
+if sys.argv[1] == "simplify":  # MLX's default mode, which merges the streams' constants
+    set_mode = getattr(ctypes.CDLL(sys.argv[2]), cores._SET_COMPILE_MODE)
+    set_mode.argtypes = [ctypes.c_int]
+    set_mode(3)
+step = mx.compile(lambda x: cores.map_rows(lambda rows: mx.maximum(rows * 0.5 + 1.0, 0.0), x))
+with cores.spread():
+    mx.eval(step(mx.ones((8, 64))))
+"""
+
+
+@pytest.mark.skipif(not fastpath.compiler_available(), reason="mx.compile on the CPU needs g++")
+def test_spread_compiled_kernels_keep_their_constants_on_every_stream(tmp_path):
+    """With the merge, the second stream's kernel reads the constants as full-size inputs (a strided kernel);
+    `configure` keeps them as constants, so every stream's kernel is the contiguous one."""
+    assert cores.keep_streams_apart_in_compile()
+    libmlx = next(iter(glob.glob(os.path.join(os.path.dirname(mx.__file__), "lib", "libmlx.*"))))
+    kernels = {}
+    for mode in ("default", "simplify"):
+        tmp = tmp_path / mode
+        tmp.mkdir()
+        env = dict(os.environ, TMPDIR=str(tmp), PYTHONPATH=os.pathsep.join(sys.path))
+        subprocess.run([sys.executable, "-c", _KERNELS_SCRIPT, mode, libmlx], env=env, check=True, timeout=120)
+        kernels[mode] = sorted(p.stem for p in tmp.glob("mlx/*/cpu/*.cpp"))
+    assert kernels["default"] and all(name.endswith("_contiguous") for name in kernels["default"])
+    assert any("_strided_" in name for name in kernels["simplify"])
