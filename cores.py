@@ -66,27 +66,30 @@ def configure(n: int = 0) -> int:
 
 
 # mlx::core::set_compile_mode(CompileMode) from MLX's C++ API (mlx/compile.h), which Python does not bind, and
-# its enum: disabled, no_simplify, no_fuse, enabled.
+# two values of its enum (disabled, no_simplify, no_fuse, enabled).
 _SET_COMPILE_MODE = "_ZN3mlx4core16set_compile_modeENS0_11CompileModeE"
-_NO_SIMPLIFY = 1
+NO_SIMPLIFY, ENABLED = 1, 3
 
 
-@functools.cache  # once per process
-def keep_streams_apart_in_compile() -> bool:
-    """Compile without MLX's graph simplification, so that constants stay on each stream's own kernels (see the
-    module's docstring). Skipped when MLX_DISABLE_COMPILE is set (that mode must stay off) or the library does
-    not export the function; returns whether it was set."""
-    if os.environ.get("MLX_DISABLE_COMPILE"):
-        return False
+def set_compile_mode(mode: int) -> bool:
+    """Set MLX's compile mode through its C++ library; False when no library exports the function."""
     for path in sorted(glob.glob(os.path.join(os.path.dirname(mx.__file__), "lib", "libmlx.*"))):
         try:
             set_mode = getattr(ctypes.CDLL(path), _SET_COMPILE_MODE)
         except (OSError, AttributeError):
             continue
         set_mode.argtypes, set_mode.restype = [ctypes.c_int], None
-        set_mode(_NO_SIMPLIFY)
+        set_mode(mode)
         return True
     return False
+
+
+@functools.cache  # once per process
+def keep_streams_apart_in_compile() -> bool:
+    """Compile without MLX's graph simplification, so that constants stay on each stream's own kernels (see the
+    module's docstring). Skipped when MLX_DISABLE_COMPILE is set (compiling must stay off); returns whether the
+    mode was set."""
+    return not os.environ.get("MLX_DISABLE_COMPILE") and set_compile_mode(NO_SIMPLIFY)
 
 
 def count() -> int:

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import contextlib
 import ctypes
-import glob
 import os
 import subprocess
 import sys
@@ -269,14 +268,12 @@ def test_training_with_spread_steps_follows_the_unspread_run(streams, tmp_path):
 
 
 _KERNELS_SCRIPT = """
-import ctypes, os, sys
+import sys
 import mlx.core as mx
 import cores
 cores.configure(2)
-if sys.argv[1] == "simplify":  # MLX's default mode, which merges the streams' constants
-    set_mode = getattr(ctypes.CDLL(sys.argv[2]), cores._SET_COMPILE_MODE)
-    set_mode.argtypes = [ctypes.c_int]
-    set_mode(3)
+if sys.argv[1] == "mlx_default":  # MLX's own mode, which merges the streams' constants
+    cores.set_compile_mode(cores.ENABLED)
 step = mx.compile(lambda x: cores.map_rows(lambda rows: mx.maximum(rows * 0.5 + 1.0, 0.0), x))
 with cores.spread():
     mx.eval(step(mx.ones((8, 64))))
@@ -285,17 +282,17 @@ with cores.spread():
 
 @pytest.mark.skipif(not fastpath.compiler_available(), reason="mx.compile on the CPU needs g++")
 def test_spread_compiled_kernels_keep_their_constants_on_every_stream(tmp_path):
-    """With the merge, the second stream's kernel reads the constants as full-size inputs (a strided kernel);
-    `configure` keeps them as constants, so every stream's kernel is the contiguous one."""
+    """With MLX's merge, the second stream's kernel reads the constants as full-size inputs (a strided kernel);
+    `configure` keeps them as constants, so every stream's kernel is the contiguous one (MLX writes each kernel's
+    source under $TMPDIR/mlx/<version>/cpu/, named after its layout)."""
     assert cores.keep_streams_apart_in_compile()
-    libmlx = next(iter(glob.glob(os.path.join(os.path.dirname(mx.__file__), "lib", "libmlx.*"))))
     kernels = {}
-    for mode in ("default", "simplify"):
+    for mode in ("configured", "mlx_default"):
         tmp = tmp_path / mode
         tmp.mkdir()
         env = dict(os.environ, TMPDIR=str(tmp), PYTHONPATH=os.pathsep.join(sys.path))
-        subprocess.run([sys.executable, "-c", _KERNELS_SCRIPT, mode, libmlx], env=env, check=True, timeout=120)
+        subprocess.run([sys.executable, "-c", _KERNELS_SCRIPT, mode], env=env, check=True, timeout=120)
         kernels[mode] = sorted(p.stem for p in tmp.glob("mlx/*/cpu/*.cpp"))
-    assert kernels["default"] and all(name.endswith("_contiguous") for name in kernels["default"])
-    if not any("_strided_" in name for name in kernels["simplify"]):
+    assert kernels["configured"] and all(name.endswith("_contiguous") for name in kernels["configured"])
+    if not any("_strided_" in name for name in kernels["mlx_default"]):
         pytest.skip("this MLX no longer merges constants across streams: the no_simplify mode is not needed")
