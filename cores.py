@@ -14,9 +14,11 @@ the slices one after the other; `widen_graph_order` must run before anything is 
 `mx.compile` first simplifies a traced graph: it merges equal scalar constants, then ops with the same inputs,
 without looking at their streams. The slices' graphs have the same shapes, so the broadcasts of a constant (an
 epsilon, a polynomial coefficient) on every stream merge into the first stream's; the fused kernels of the other
-streams then read it as a full-size strided input and run the slow strided loops. `configure` turns that
-simplification off while spreading (MLX's own `no_simplify` compile mode; fusion stays on): the generator's training
-step 6-9% faster on 2 cores (a spread softmax forward and backward 20%), the same losses and gradients bit for bit.
+streams then read it as a full-size strided input and run the slow strided loops. `configure` with 2 or more
+streams turns that simplification off for the rest of the process (MLX's own `no_simplify` compile mode; fusion
+stays on; MLX reads the mode when it traces a function): the generator's training step 6-9% faster on 2 cores (a
+spread softmax forward and backward 20%), the same losses and gradients bit for bit. The real fix is upstream: a
+simplification that merges only ops on one stream.
 """
 
 from __future__ import annotations
