@@ -212,6 +212,24 @@ def test_teacher_forcing_hand_example():
     assert a_out.tolist() == [[5, 6, EOS_ID, PAD_ID, PAD_ID], [7, EOS_ID, PAD_ID, PAD_ID, PAD_ID]]
 
 
+def test_trim_answers_drops_only_all_pad_columns_and_keeps_loss_and_gradients():
+    import mlx.nn as nn
+    from mlx.utils import tree_flatten
+
+    answers = np.array([[5, 6, EOS_ID, PAD_ID, PAD_ID, PAD_ID], [7, EOS_ID] + [PAD_ID] * 4], np.int32)
+    a_in, a_out = G.teacher_forcing(answers)  # width 7, 3 columns used
+    assert [G.trim_answers(a_in, a_out, m)[1].shape[1] for m in (1, 2, 4, 8)] == [3, 4, 4, 7]
+    t_in, t_out = G.trim_answers(a_in, a_out, 1)
+    assert t_in.tolist() == a_in[:, :3].tolist() and t_out.tolist() == a_out[:, :3].tolist()
+    model, p = tiny_generator(V), mx.array(passages(seed=3))
+    loss_and_grad = nn.value_and_grad(model, G.seq2seq_loss)
+    (full, (_, n_full)), g_full = loss_and_grad(model, p, mx.array(a_in), mx.array(a_out))
+    (trim, (_, n_trim)), g_trim = loss_and_grad(model, p, mx.array(t_in), mx.array(t_out))
+    assert n_full.item() == n_trim.item() == 5 and abs(full.item() - trim.item()) < 1e-6
+    for (k, a), (_, b) in zip(tree_flatten(g_full), tree_flatten(g_trim)):
+        assert np.allclose(np.array(a), np.array(b), atol=1e-6), k
+
+
 def test_build_passages_layout():
     class Data:
         chunks = np.arange(4 * 5, dtype=np.int32).reshape(4, 5) + 100
