@@ -9,6 +9,10 @@ OpenBLAS picks its kernels from the CPU unless OPENBLAS_CORETYPE names a set; th
 use and says when that variable holds it to AVX2 kernels on an AVX-512 CPU (1.85x slower matmuls on this
 project's reference machine), but never overrides it: it is the user's (or their machine image's) choice.
 
+With the BLAS, the re-exec preloads `gemv_forward.c` (compiled once with the C compiler, cached): a `cblas_sgemm`
+that sends matrix-vector shaped products to `cblas_sgemv` instead (see that file; decoding one token at a time is
+made of them), and the rest on to the BLAS. `RAGMLX_GEMV_FORWARD=0` leaves it out.
+
 The `scipy_openblas` that numpy and scipy wheels bundle cannot serve: it exports only prefixed names
 (`scipy_cblas_sgemm64_`, `scipy_cblas_sgemm`), not the `cblas_sgemm` MLX imports. On macOS MLX already
 uses Accelerate.
@@ -18,6 +22,7 @@ from __future__ import annotations
 
 import ctypes
 import glob
+import hashlib
 import os
 import platform
 import shutil
@@ -25,7 +30,9 @@ import struct
 import subprocess
 import sys
 import sysconfig
+import tempfile
 from collections.abc import Callable, Mapping
+from pathlib import Path
 
 # The BLAS entry points libmlx.so imports (`nm -D --undefined-only libmlx.so`); LAPACK comes along too.
 REQUIRED_SYMBOLS = ("cblas_sgemm", "cblas_dgemm", "cblas_cgemm")
@@ -191,6 +198,69 @@ def forced_kernels_hint(core: str | None, env: Mapping[str, str], flags: frozens
     return f"OPENBLAS_CORETYPE={forced} keeps it off this CPU's AVX-512 kernels; unset it for faster matmuls"
 
 
+GEMV_FORWARD_SOURCE = Path(__file__).with_name("gemv_forward.c")
+_GEMV_FORWARD_MARK = "ragmlx_gemv_forward_to"  # a function only that library defines
+
+
+def _cache_dir(env: Mapping[str, str]) -> Path:
+    base = env.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
+    return Path(base) / "ragmlx"
+
+
+def build_gemv_forward(env: Mapping[str, str] = os.environ, cache_dir: Path | None = None) -> str | None:
+    """Path of `gemv_forward.c` compiled into a shared library (built once per source, in ~/.cache/ragmlx or the
+    temporary folder); None without a C compiler (cc, gcc or g++) or when the build fails."""
+    compiler = next((c for c in (shutil.which("cc"), shutil.which("gcc"), shutil.which("g++")) if c), None)
+    if compiler is None or not GEMV_FORWARD_SOURCE.is_file():
+        return None
+    source = GEMV_FORWARD_SOURCE.read_bytes()
+    name = f"libragmlx_gemv_forward-{hashlib.sha1(source + platform.machine().encode()).hexdigest()[:12]}.so"
+    for folder in (cache_dir,) if cache_dir else (_cache_dir(env), Path(tempfile.gettempdir()) / "ragmlx"):
+        target = folder / name
+        if target.is_file():
+            return str(target)
+        try:
+            folder.mkdir(parents=True, exist_ok=True)
+            partial = folder / f"{name}.{os.getpid()}.tmp"
+            command = [compiler, "-x", "c", "-O2", "-shared", "-fPIC", "-o", str(partial), str(GEMV_FORWARD_SOURCE)]
+            done = subprocess.run(command + ["-ldl"], capture_output=True, timeout=120)
+            if done.returncode == 0:
+                os.replace(partial, target)  # atomic: a concurrent start sees the whole library or none
+                return str(target)
+            partial.unlink(missing_ok=True)
+        except (OSError, subprocess.SubprocessError):
+            continue
+    return None
+
+
+def load_blas_in_process(blas: str, forward: str | None = None) -> None:
+    """Make MLX, not imported yet, use the BLAS at `blas` (and the forwarder at `forward` first) in this process:
+    load them RTLD_GLOBAL, as LD_PRELOAD would (the tests do this instead of re-executing pytest)."""
+    if forward:
+        forwarder = ctypes.CDLL(forward, mode=ctypes.RTLD_GLOBAL)
+        library = ctypes.CDLL(blas, mode=ctypes.RTLD_GLOBAL)
+        to = forwarder[_GEMV_FORWARD_MARK]
+        to.argtypes, to.restype = [ctypes.c_void_p, ctypes.c_void_p], None
+        to(ctypes.cast(library.cblas_sgemm, ctypes.c_void_p), ctypes.cast(library.cblas_sgemv, ctypes.c_void_p))
+    else:
+        ctypes.CDLL(blas, mode=ctypes.RTLD_GLOBAL)
+
+
+def gemv_forwarding_active() -> bool:
+    """Whether MLX's `cblas_sgemm` calls in this process go through gemv_forward.c (Linux; imports mlx.core)."""
+    return _is_linux() and _resolves_to_gemv_forward(_library_of(ctypes.CDLL(None), REQUIRED_SYMBOLS[0]))
+
+
+def _resolves_to_gemv_forward(path: str | None) -> bool:
+    if path is None:
+        return False
+    try:
+        ctypes.CDLL(path, mode=os.RTLD_NOLOAD | os.RTLD_LAZY)[_GEMV_FORWARD_MARK]
+        return True
+    except (OSError, AttributeError):
+        return False
+
+
 class _DlInfo(ctypes.Structure):
     _fields_ = [
         ("dli_fname", ctypes.c_char_p),
@@ -242,6 +312,8 @@ def mlx_blas_library() -> str | None:
     import mlx.core as mx
 
     found = _library_of(ctypes.CDLL(None), REQUIRED_SYMBOLS[0])
+    if _resolves_to_gemv_forward(found):  # it forwards the rest to the BLAS that defines cblas_dgemm too
+        found = _library_of(ctypes.CDLL(None), REQUIRED_SYMBOLS[1])
     if found is not None:
         return found
     try:
@@ -270,7 +342,9 @@ def blas_in_use() -> str:
 def _describe(path: str | None, note: str = "") -> str:
     """The library at `path` in words, e.g. "OpenBLAS (/path/lib.so<note>, Haswell kernels)"."""
     core = openblas_core(path) if path else None
-    return f"{classify_blas(path)} ({path}{note}" + (f", {core} kernels)" if core else ")")
+    note += f", {core} kernels" if core else ""
+    note += ", matrix-vector products as GEMV" if gemv_forwarding_active() else ""
+    return f"{classify_blas(path)} ({path}{note})"
 
 
 def _command_line(argv: list[str]) -> list[str]:
@@ -288,7 +362,8 @@ def ensure_fast_blas(
     """Re-exec this interpreter with a fast BLAS in LD_PRELOAD when MLX would use the reference one.
 
     Call at start-up, before heavy work, with `sys.argv`. Re-execs only on Linux, when the reference BLAS is in
-    use, a fast one is found, `RAGMLX_FAST_BLAS` is not "0" and `RAGMLX_REEXEC` is not "1" (the loop guard).
+    use, a fast one is found, `RAGMLX_FAST_BLAS` is not "0" and `RAGMLX_REEXEC` is not "1" (the loop guard);
+    `gemv_forward.c`'s library goes first in LD_PRELOAD when it builds, unless `RAGMLX_GEMV_FORWARD` is "0".
     The real `os.execve` never returns; otherwise the result is a one-line description to print.
     """
     if not _is_linux():
@@ -307,10 +382,13 @@ def ensure_fast_blas(
     lib = find_fast_blas(env)
     if lib is None:
         return f"BLAS: reference netlib BLAS (slow; {_SLOW_HINT})"
+    forward = build_gemv_forward(env) if env.get("RAGMLX_GEMV_FORWARD", "") != "0" else None
+    ours = f"{forward}:{lib}" if forward else lib  # the forwarder first: its cblas_sgemm must win the lookup
     new_env = dict(env)
     existing = env.get("LD_PRELOAD", "")
-    new_env["LD_PRELOAD"] = f"{lib}:{existing}" if existing else lib
+    new_env["LD_PRELOAD"] = f"{ours}:{existing}" if existing else ours
     new_env["RAGMLX_REEXEC"] = "1"
+    new_env["RAGMLX_PRELOADED"] = ours  # what we added, for subprocesses that want the user's environment back
     command = _command_line(argv)
     sys.stdout.flush()  # exec discards buffered output
     sys.stderr.flush()

@@ -102,10 +102,11 @@ def train_flops(kind: str, dim: int, num_blocks: int, num_heads: int) -> float:
 def worker_env() -> dict:
     """This process's environment minus the BLAS preload fastpath added, i.e. what the user started us with."""
     env = dict(os.environ)
-    if env.pop("RAGMLX_REEXEC", None) == "1":
-        rest = env.get("LD_PRELOAD", "").split(":")[1:]
+    ours = env.pop("RAGMLX_PRELOADED", "")
+    if env.pop("RAGMLX_REEXEC", None) == "1" and ours:
+        rest = env.get("LD_PRELOAD", "").removeprefix(ours).lstrip(":")
         if rest:
-            env["LD_PRELOAD"] = ":".join(rest)
+            env["LD_PRELOAD"] = rest
         else:
             env.pop("LD_PRELOAD", None)
     return env

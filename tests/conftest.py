@@ -1,10 +1,10 @@
 """Test set-up: the project's flat modules on the import path, a fast BLAS for MLX when one exists, and MLX's
 graph ordering wide enough for cores.py.
 
-Loading OpenBLAS with RTLD_GLOBAL before MLX makes MLX's BLAS calls resolve to it in this process (the same
-effect as main.py's LD_PRELOAD re-exec, without re-starting pytest); results are the same to float rounding."""
+Loading OpenBLAS (after fastpath's GEMV forwarder) with RTLD_GLOBAL before MLX makes MLX's BLAS calls resolve to
+them in this process (the same effect as main.py's LD_PRELOAD re-exec, without re-starting pytest); results are the
+same to float rounding."""
 
-import ctypes
 import os
 import sys
 from pathlib import Path
@@ -17,8 +17,9 @@ if sys.platform.startswith("linux") and os.environ.get("RAGMLX_FAST_BLAS") != "0
     import fastpath
 
     _blas = fastpath.find_fast_blas()
-    if _blas:
-        ctypes.CDLL(_blas, mode=ctypes.RTLD_GLOBAL)
+    if _blas:  # with the GEMV forwarder first, as main.py's re-exec preloads them
+        forward = fastpath.build_gemv_forward() if os.environ.get("RAGMLX_GEMV_FORWARD") != "0" else None
+        fastpath.load_blas_in_process(_blas, forward)
 
 # As main.py does on the CPU before MLX evaluates anything (see cores.py).
 import cores  # noqa: E402

@@ -9,6 +9,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 import fastpath
@@ -29,10 +30,12 @@ class FakeExec:
 
 @pytest.fixture
 def slow_linux(monkeypatch):
-    """Pretend this is Linux with MLX on the reference BLAS and a fast BLAS at FAKE_LIB."""
+    """Pretend this is Linux with MLX on the reference BLAS, a fast BLAS at FAKE_LIB and no GEMV forwarder."""
     monkeypatch.setattr(sys, "platform", "linux")
     monkeypatch.setattr(platform, "system", lambda: "Linux")
     monkeypatch.setattr(fastpath, "uses_reference_blas", lambda: True)
+    monkeypatch.setattr(fastpath, "build_gemv_forward", lambda env=None, cache_dir=None: None)
+    monkeypatch.setattr(fastpath, "gemv_forwarding_active", lambda: False)
     monkeypatch.setattr(fastpath, "find_fast_blas", lambda env=None: FAKE_LIB)
 
 
@@ -162,7 +165,7 @@ def test_compiler_check(monkeypatch):
 
 
 def _clean_env() -> dict[str, str]:
-    drop = {"LD_PRELOAD", "RAGMLX_REEXEC", "RAGMLX_FAST_BLAS", "RAGMLX_BLAS"}
+    drop = {"LD_PRELOAD", "RAGMLX_REEXEC", "RAGMLX_FAST_BLAS", "RAGMLX_BLAS", "RAGMLX_GEMV_FORWARD", "RAGMLX_PRELOADED"}
     return {k: v for k, v in os.environ.items() if k not in drop}
 
 
@@ -191,8 +194,9 @@ def test_real_reexec_loads_fast_blas():
     assert out.returncode == 0, out.stderr
     message, args, in_use = out.stdout.strip().splitlines()[-3:]
     assert args == "['--flag', 'value']", "the re-exec must keep `-c CODE` and the arguments"
-    assert fastpath.classify_blas(lib) in in_use and "reference" not in in_use
+    assert fastpath.classify_blas(lib) in in_use and "reference" not in in_use  # the BLAS, not the forwarder
     assert ", preloaded" in message
+    assert ("matrix-vector products as GEMV" in in_use) == (fastpath.build_gemv_forward(env) is not None)
 
 
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="the BLAS re-exec only happens on Linux")
@@ -206,6 +210,75 @@ def test_real_opt_out_keeps_bundled_blas():
     message, _args, in_use = out.stdout.strip().splitlines()[-3:]
     assert "disabled by RAGMLX_FAST_BLAS=0" in message
     assert in_use.startswith("reference netlib BLAS") and "mlx_cpu.libs" in in_use
+
+
+def test_gemv_forwarder_is_preloaded_before_the_blas_unless_opted_out(slow_linux, monkeypatch):
+    forwarder = "/cache/libragmlx_gemv_forward-abc.so"
+    monkeypatch.setattr(fastpath, "build_gemv_forward", lambda env=None, cache_dir=None: forwarder)
+    execv = FakeExec()
+    fastpath.ensure_fast_blas(["main.py"], env={"LD_PRELOAD": "/x/libjemalloc.so"}, execv=execv)
+    new_env = execv.calls[0][2]
+    assert new_env["LD_PRELOAD"] == f"{forwarder}:{FAKE_LIB}:/x/libjemalloc.so"
+    assert new_env["RAGMLX_PRELOADED"] == f"{forwarder}:{FAKE_LIB}"
+    execv = FakeExec()
+    fastpath.ensure_fast_blas(["main.py"], env={"RAGMLX_GEMV_FORWARD": "0"}, execv=execv)
+    assert execv.calls[0][2]["LD_PRELOAD"] == FAKE_LIB
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="the forwarder is preloaded on Linux only")
+def test_gemv_forwarder_builds_once_and_needs_a_compiler(tmp_path, monkeypatch):
+    first = fastpath.build_gemv_forward(cache_dir=tmp_path)
+    if first is None:
+        pytest.skip("no C compiler here")
+    assert os.path.basename(first).startswith("libragmlx_gemv_forward-") and fastpath.is_usable_blas(first) is False
+
+    def no_compiling(*args, **kwargs):
+        raise AssertionError("the cached library must be reused")
+
+    monkeypatch.setattr(fastpath.subprocess, "run", no_compiling)
+    assert fastpath.build_gemv_forward(cache_dir=tmp_path) == first
+    monkeypatch.setattr(fastpath.shutil, "which", lambda name: None)
+    assert fastpath.build_gemv_forward(cache_dir=tmp_path / "other") is None
+
+
+def test_gemv_forwarder_gives_the_blas_products():
+    """Every matrix-vector shape MLX can send (row or column vector, either operand transposed, strided rows,
+    batched, addmm's alpha and beta) against float64 numpy; output buffers that held NaN just before."""
+    if not fastpath.gemv_forwarding_active():
+        pytest.skip("MLX's cblas_sgemm does not go through the forwarder in this process")
+    import mlx.core as mx
+
+    rng = np.random.default_rng(0)
+    cases = []
+    for m, k, n in [(1, 64, 405), (1, 405, 64), (7, 33, 1), (1, 1, 5), (1, 3, 1), (300, 257, 1)]:
+        for trans_a in (False, True):
+            for trans_b in (False, True):
+                a = rng.standard_normal((k, m) if trans_a else (m, k)).astype(np.float32)
+                b = rng.standard_normal((n, k) if trans_b else (k, n)).astype(np.float32)
+                cases.append(
+                    (
+                        a.T if trans_a else a,
+                        b.T if trans_b else b,
+                        mx.array(a).T if trans_a else mx.array(a),
+                        mx.array(b).T if trans_b else mx.array(b),
+                    )
+                )
+    wide = rng.standard_normal((50, 80)).astype(np.float32)  # rows of a wider matrix: lda > k
+    cases.append((wide[:1, :40], wide[:40, 3:4], mx.array(wide)[:1, :40], mx.array(wide)[:40, 3:4]))
+    for a, b, a_mx, b_mx in cases:
+        shape = (a.shape[0], b.shape[1])
+        mx.eval(mx.full(shape, float("nan")))  # a freed NaN buffer of the output's size, for reuse
+        got = np.array(a_mx @ b_mx)
+        assert np.allclose(got, a.astype(np.float64) @ b, rtol=1e-4, atol=1e-4), (a.shape, b.shape)
+    q, keys = (
+        rng.standard_normal((6, 4, 1, 32)).astype(np.float32),
+        rng.standard_normal((6, 4, 50, 32)).astype(np.float32),
+    )
+    got = np.array(mx.array(q) @ mx.array(keys).swapaxes(-1, -2))
+    assert np.allclose(got, np.einsum("bhid,bhjd->bhij", q.astype(np.float64), keys), rtol=1e-4, atol=1e-4)
+    c, x, w = (rng.standard_normal(s).astype(np.float32) for s in ((1, 30), (1, 20), (20, 30)))
+    got = np.array(mx.addmm(mx.array(c), mx.array(x), mx.array(w), alpha=0.5, beta=2.0))
+    assert np.allclose(got, 2.0 * c + 0.5 * (x.astype(np.float64) @ w), rtol=1e-4, atol=1e-4)
 
 
 def test_failed_exec_is_reported_not_raised(slow_linux):
