@@ -109,7 +109,7 @@ class Generator(nn.Module):
         x = self.embed(tokens)
         T = x.shape[1]
         if cache is None or T > 1:
-            offset = 0 if cache is None or "k" not in cache[0].get("self", {}) else cache[0]["self"]["k"].shape[2]
+            offset = 0 if cache is None else cache[0].get("self", {}).get("length", 0)
             causal = mx.triu(mx.full((T, T + offset), NEG_INF), k=1 + offset).astype(x.dtype)
         else:
             causal = None  # one new token attends to every cached one

@@ -30,6 +30,24 @@ def padding_mask(valid: mx.array, dtype=mx.float32) -> mx.array:
     return mx.where(valid, 0.0, NEG_INF).astype(dtype)[:, None, None, :]
 
 
+def append_to_cache(cache: dict, k: mx.array, v: mx.array) -> tuple[mx.array, mx.array]:
+    """Write keys and values [B, H, L, d] after the cached ones and return views of all of them. The buffers grow
+    by doubling, so a step writes only its own positions (MLX updates a buffer nothing else holds in place), where
+    concatenating copied the whole cache at every token."""
+    start, end = cache.get("length", 0), cache.get("length", 0) + k.shape[2]
+    if "k" not in cache or end > cache["k"].shape[2]:
+        B, H, _, d = k.shape
+        for name in ("k", "v"):
+            grown = mx.zeros((B, H, max(16, 2 * end), d), dtype=k.dtype)
+            if start:
+                grown[:, :, :start] = cache[name][:, :, :start]
+            cache[name] = grown
+    cache["k"][:, :, start:end] = k
+    cache["v"][:, :, start:end] = v
+    cache["length"] = end
+    return cache["k"][:, :, :end], cache["v"][:, :, :end]
+
+
 class SelfAttention(nn.Module):
     def __init__(self, dim: int, num_heads: int, rope_base: float = 10000.0):
         super().__init__()
@@ -43,13 +61,9 @@ class SelfAttention(nn.Module):
         B, L, D = x.shape
         q, k, v = mx.split(self.qkv_proj(x), 3, axis=-1)
         q, k, v = (t.reshape(B, L, self.num_heads, -1).transpose(0, 2, 1, 3) for t in (q, k, v))
-        offset = 0 if cache is None or "k" not in cache else cache["k"].shape[2]
-        q, k = rope(q, k, base=self.rope_base, offset=offset)
+        q, k = rope(q, k, base=self.rope_base, offset=0 if cache is None else cache.get("length", 0))
         if cache is not None:
-            if "k" in cache:
-                k = mx.concatenate([cache["k"], k], axis=2)
-                v = mx.concatenate([cache["v"], v], axis=2)
-            cache["k"], cache["v"] = k, v
+            k, v = append_to_cache(cache, k, v)
         o = attention(q, k, v, self.scale, mask)
         return self.out_proj(o.transpose(0, 2, 1, 3).reshape(B, L, D))
 

@@ -131,13 +131,28 @@ def test_decoder_is_causal_and_pad_targets_are_ignored():
     assert abs(l1.item() - l2.item()) < 1e-5
 
 
+def test_self_attention_cache_grows_and_keeps_every_position():
+    from layers import append_to_cache
+
+    rng = np.random.default_rng(4)
+    cache, keys, values = {}, [], []
+    for length in (1, 5, 1, 12, 1, 20, 1):  # crosses the first buffer (16) and its regrowths
+        k, v = (mx.array(rng.standard_normal((2, 3, length, 4)).astype(np.float32)) for _ in range(2))
+        keys.append(k)
+        values.append(v)
+        got_k, got_v = append_to_cache(cache, k, v)
+        assert cache["length"] == sum(x.shape[2] for x in keys) == got_k.shape[2]
+        assert np.array_equal(np.array(got_k), np.array(mx.concatenate(keys, axis=2)))
+        assert np.array_equal(np.array(got_v), np.array(mx.concatenate(values, axis=2)))
+
+
 @pytest.mark.parametrize("copy", [True, False])
 def test_kv_cache_greedy_equals_recompute(copy):
-    model = tiny_generator(V, copy=copy, max_answer_tokens=10)
+    model = tiny_generator(V, copy=copy, max_answer_tokens=20)
     p = mx.array(passages(seed=4))
-    cached = np.stack([np.array(t) for t in model.generate(p, 10)], axis=1).tolist()
-    assert cached == model.generate_recompute(p, 10)
-    assert len(cached[0]) == 10
+    cached = np.stack([np.array(t) for t in model.generate(p, 20)], axis=1).tolist()  # past the cache's first 16
+    assert cached == model.generate_recompute(p, 20)
+    assert len(cached[0]) == 20
 
 
 @pytest.mark.parametrize("copy", [True, False])
