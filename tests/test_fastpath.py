@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import platform
 import struct
@@ -386,3 +387,62 @@ def test_openblas_core_names_the_forced_kernels():
     assert out.stdout.strip() == "Haswell"
     assert fastpath.openblas_core("/nonexistent/libopenblas.so.0") is None
     assert fastpath.openblas_core("libc.so.6") is None  # a library without openblas_get_corename
+
+
+needs_gxx = pytest.mark.skipif(
+    not sys.platform.startswith("linux") or fastpath.compiler_available() is False, reason="needs g++ on Linux"
+)
+
+# Run in a child with TMPDIR set: precompile MLX's kernel header, then compile a function (MLX builds its kernel in
+# the same folder) and print the PCH path and the max error against the uncompiled function.
+_PCH_CHILD = """
+import sys, fastpath, mlx.core as mx
+pch = fastpath.precompile_kernel_header()
+fn = lambda x: mx.tanh(x) * 3.0 + mx.exp(-x)
+x = mx.arange(40, dtype=mx.float32) / 7.0
+print(pch)
+print(mx.abs(mx.compile(fn)(x) - fn(x)).max().item())
+"""
+
+
+@needs_gxx
+def test_precompiled_kernel_header_is_what_mlx_kernel_builds_use(tmp_path):
+    env = {**os.environ, "TMPDIR": str(tmp_path), "PYTHONPATH": str(ROOT)}
+    env.pop("RAGMLX_KERNEL_PCH", None)
+    out = subprocess.run([sys.executable, "-c", _PCH_CHILD], env=env, capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr
+    pch, err = out.stdout.split()
+    assert float(err) < 1e-6
+    kernel_dir = fastpath.mlx_kernel_dir({"TMPDIR": str(tmp_path)})
+    assert Path(pch) == kernel_dir / f"{fastpath.KERNEL_HEADER}.gch" and Path(pch).stat().st_size > 1 << 20
+    sources = sorted(kernel_dir.glob("*.cpp"))  # the kernel MLX wrote and built there: our folder is its folder
+    assert sources and (kernel_dir / f"lib{sources[0].stem}.so").is_file()
+    # MLX's own build command on its kernel, with -H: GCC marks a PCH it used with "!", one it rejected with "x"
+    import mlx.core as mx
+
+    include = Path(mx.__file__).parent / "include"
+    cmd = ["g++", "-std=c++17", "-O3", "-Wall", "-fPIC", "-shared", "-I", str(include), "-H", "-Winvalid-pch"]
+    built = subprocess.run(cmd + [str(sources[0]), "-o", str(tmp_path / "k.so")], capture_output=True, text=True)
+    assert built.returncode == 0, built.stderr
+    assert f"! {pch}" in built.stderr.splitlines()
+
+
+@needs_gxx
+def test_precompiled_kernel_header_is_rebuilt_when_stale_and_can_be_turned_off(tmp_path):
+    env = {"TMPDIR": str(tmp_path), "PATH": os.environ["PATH"]}
+    assert fastpath.precompile_kernel_header({**env, "RAGMLX_KERNEL_PCH": "0"}) is None
+    assert not (tmp_path / "mlx").exists()
+    pch = Path(fastpath.precompile_kernel_header(env))
+    stamp = pch.with_name(pch.name + ".json")
+    first = pch.stat().st_mtime_ns
+    assert fastpath.precompile_kernel_header(env) == str(pch) and pch.stat().st_mtime_ns == first  # reused
+    recorded = json.loads(stamp.read_text())
+    assert any(h[0].endswith(fastpath.KERNEL_HEADER) for h in recorded["headers"])
+    recorded["headers"][0][1] += 1  # as if a header had changed size since
+    stamp.write_text(json.dumps(recorded))
+    assert fastpath.precompile_kernel_header(env) == str(pch) and pch.stat().st_mtime_ns != first
+    second = pch.stat().st_mtime_ns
+    stamp.write_text("{not json")  # a torn or foreign stamp: rebuilt, never trusted
+    assert fastpath.precompile_kernel_header(env) == str(pch) and pch.stat().st_mtime_ns != second
+    assert json.loads(stamp.read_text())["headers"][0][1] == recorded["headers"][0][1] - 1
+    assert sorted(p.name for p in pch.parent.iterdir()) == [pch.name, stamp.name]  # no partial files left
