@@ -103,7 +103,11 @@ def count() -> int:
 def _blas_threads_functions():
     """(get, set) for the BLAS in this process: OpenBLAS or MKL; None when it has no such control."""
     lib = ctypes.CDLL(None)  # the global scope: LD_PRELOADed libraries are there
-    names = (("openblas_get_num_threads", "openblas_set_num_threads"), ("MKL_Get_Max_Threads", "MKL_Set_Num_Threads"))
+    names = (
+        ("openblas_get_num_threads", "openblas_set_num_threads"),
+        ("scipy_openblas_get_num_threads", "scipy_openblas_set_num_threads"),  # the scipy-openblas32 wheel
+        ("MKL_Get_Max_Threads", "MKL_Set_Num_Threads"),
+    )
     for get, set_ in names:
         try:
             return getattr(lib, get), getattr(lib, set_)

@@ -26,6 +26,7 @@ from __future__ import annotations
 import ctypes
 import glob
 import hashlib
+import importlib.util
 import json
 import os
 import platform
@@ -53,7 +54,9 @@ _OPENBLAS_PATHS = (
     "/usr/local/lib/libopenblas.so.0",
 )
 
-_SLOW_HINT = "install libopenblas0-pthread or `pip install mkl`"
+_SLOW_HINT = "pip install scipy-openblas32 and a C compiler, or apt-get install libopenblas0-pthread"
+# Symbol prefixes of BLAS builds that rename their functions (the scipy-openblas32 wheel).
+_BLAS_PREFIXES = ("scipy_",)
 
 # The AVX-512 parts OpenBLAS's SkylakeX/Cooperlake kernels use, and its kernel sets for AVX2-only CPUs.
 _AVX512 = frozenset({"avx512f", "avx512cd", "avx512bw", "avx512dq", "avx512vl"})
@@ -102,10 +105,34 @@ def exported_symbols(path: str) -> set[str]:
 
 def is_usable_blas(path: str) -> bool:
     """True when `path` is a shared library that defines every CBLAS entry point MLX imports."""
+    return blas_prefix(path) == ""
+
+
+def blas_prefix(path: str) -> str | None:
+    """ "" for a BLAS that defines every CBLAS entry point MLX imports under their own names; a prefix ("scipy_")
+    for one that defines `<prefix>cblas_sgemm` and `<prefix>cblas_sgemv`, which MLX reaches only through
+    gemv_forward.c; None for anything else (or an unreadable or truncated file)."""
     try:
-        return set(REQUIRED_SYMBOLS) <= exported_symbols(path)
-    except (OSError, struct.error):  # unreadable or truncated file
-        return False
+        names = exported_symbols(path)
+    except (OSError, struct.error):
+        return None
+    if set(REQUIRED_SYMBOLS) <= names:
+        return ""
+    for prefix in _BLAS_PREFIXES:
+        if {f"{prefix}cblas_sgemm", f"{prefix}cblas_sgemv"} <= names:
+            return prefix
+    return None
+
+
+def _pip_openblas_candidates() -> list[str]:
+    # The scipy-openblas32 wheel (requirements.txt): OpenBLAS with every name prefixed by "scipy_", in
+    # <site-packages>/scipy_openblas32/lib/. Found without importing it.
+    try:
+        spec = importlib.util.find_spec("scipy_openblas32")
+    except (ImportError, ValueError):
+        return []
+    folders = list(spec.submodule_search_locations or []) if spec else []
+    return [p for folder in folders for p in sorted(glob.glob(os.path.join(folder, "lib", "libscipy_openblas*.so*")))]
 
 
 def _mkl_candidates() -> list[str]:
@@ -130,26 +157,35 @@ def _ldconfig_openblas() -> list[str]:
     return [line.rsplit("=> ", 1)[1].strip() for line in out.splitlines() if "libopenblas" in line and "=> " in line]
 
 
-def find_fast_blas(env: Mapping[str, str] | None = None) -> str | None:
+def find_fast_blas(env: Mapping[str, str] | None = None, with_prefixed: bool = True) -> str | None:
     """Path of a fast BLAS that can be preloaded under MLX, or None.
 
-    Order: `RAGMLX_BLAS` (an explicit path), system OpenBLAS (common paths, then `ldconfig -p`), then MKL
-    installed from PyPI. OpenBLAS comes first because it measured faster than MKL for MLX on AMD EPYC
-    (see bench/blas_results.json). Raises ValueError when RAGMLX_BLAS names an unusable file.
+    Order: `RAGMLX_BLAS` (an explicit path), system OpenBLAS (common paths, then `ldconfig -p`), MKL installed
+    from PyPI, then the scipy-openblas32 wheel that requirements.txt installs (its names are prefixed, so it also
+    needs gemv_forward.c built: `with_prefixed=False` leaves it out). OpenBLAS comes first because it measured
+    faster than MKL for MLX on AMD EPYC (see bench/blas_results.json), the system's before the wheel's because
+    its decoding steps measured ~10% faster on machine A (bench/README.md). Raises ValueError when RAGMLX_BLAS
+    names an unusable file.
     """
     env = os.environ if env is None else env
     explicit = env.get("RAGMLX_BLAS", "")
     if explicit:
         if not os.path.isfile(explicit):
             raise ValueError(f"RAGMLX_BLAS={explicit}: no such file")
-        if not is_usable_blas(explicit):
-            raise ValueError(f"RAGMLX_BLAS={explicit}: does not export {', '.join(REQUIRED_SYMBOLS)}")
+        if blas_prefix(explicit) is None:
+            raise ValueError(
+                f"RAGMLX_BLAS={explicit}: does not export {', '.join(REQUIRED_SYMBOLS)} (or scipy_cblas_sgemm)"
+            )
         return explicit
     arch = platform.machine() or "x86_64"
     candidates = [p.format(arch=arch) for p in _OPENBLAS_PATHS] + _ldconfig_openblas() + _mkl_candidates()
     for path in candidates:
         if os.path.isfile(path) and is_usable_blas(path):
             return path
+    if with_prefixed:
+        for path in _pip_openblas_candidates():
+            if blas_prefix(path):
+                return path
     return None
 
 
@@ -182,11 +218,17 @@ def openblas_core(path: str) -> str | None:
     """The kernel set ("Haswell", "Cooperlake", ...) the OpenBLAS at `path` runs in this process; None for another
     BLAS (no `openblas_get_corename`) or no library. Loads it (RTLD_LOCAL) when it is not loaded yet."""
     try:
-        corename = ctypes.CDLL(path).openblas_get_corename
-    except (OSError, AttributeError):
+        library = ctypes.CDLL(path)
+    except OSError:
         return None
-    corename.restype = ctypes.c_char_p
-    return (corename() or b"").decode() or None
+    for prefix in ("", *_BLAS_PREFIXES):
+        try:
+            corename = library[f"{prefix}openblas_get_corename"]
+        except AttributeError:
+            continue
+        corename.restype = ctypes.c_char_p
+        return (corename() or b"").decode() or None
+    return None
 
 
 def forced_kernels_hint(core: str | None, env: Mapping[str, str], flags: frozenset[str]) -> str | None:
@@ -237,22 +279,41 @@ def build_gemv_forward(env: Mapping[str, str] = os.environ, cache_dir: Path | No
     return None
 
 
-def load_blas_in_process(blas: str, forward: str | None = None) -> None:
+def load_blas_in_process(blas: str, forward: str | None = None, gemv: bool = True) -> None:
     """Make MLX, not imported yet, use the BLAS at `blas` (and the forwarder at `forward` first) in this process:
-    load them RTLD_GLOBAL, as LD_PRELOAD would (the tests do this instead of re-executing pytest)."""
+    load them RTLD_GLOBAL, as LD_PRELOAD would (the tests do this instead of re-executing pytest). A BLAS with
+    prefixed names needs the forwarder; `gemv=False` has it send every product to sgemm."""
+    prefix = blas_prefix(blas) or ""
+    if prefix and not forward:
+        raise ValueError(f"{blas}: its names start with {prefix!r}, so MLX can only reach it through gemv_forward.c")
     if forward:
         forwarder = ctypes.CDLL(forward, mode=ctypes.RTLD_GLOBAL)
         library = ctypes.CDLL(blas, mode=ctypes.RTLD_GLOBAL)
         to = forwarder[_GEMV_FORWARD_MARK]
         to.argtypes, to.restype = [ctypes.c_void_p, ctypes.c_void_p], None
-        to(ctypes.cast(library.cblas_sgemm, ctypes.c_void_p), ctypes.cast(library.cblas_sgemv, ctypes.c_void_p))
+        sgemv = ctypes.cast(library[f"{prefix}cblas_sgemv"], ctypes.c_void_p) if gemv else None
+        to(ctypes.cast(library[f"{prefix}cblas_sgemm"], ctypes.c_void_p), sgemv)
     else:
         ctypes.CDLL(blas, mode=ctypes.RTLD_GLOBAL)
 
 
+def _forwarder_of_mlx() -> ctypes.CDLL | None:
+    """gemv_forward.c's library when MLX's `cblas_sgemm` resolves to it in this process, else None."""
+    path = _library_of(ctypes.CDLL(None), REQUIRED_SYMBOLS[0]) if _is_linux() else None
+    if not _resolves_to_gemv_forward(path):
+        return None
+    return ctypes.CDLL(path, mode=os.RTLD_NOLOAD | os.RTLD_LAZY)
+
+
 def gemv_forwarding_active() -> bool:
-    """Whether MLX's `cblas_sgemm` calls in this process go through gemv_forward.c (Linux; imports mlx.core)."""
-    return _is_linux() and _resolves_to_gemv_forward(_library_of(ctypes.CDLL(None), REQUIRED_SYMBOLS[0]))
+    """Whether MLX's matrix-vector products go to sgemv through gemv_forward.c in this process (Linux)."""
+    forwarder = _forwarder_of_mlx()
+    if forwarder is None:
+        return False
+    try:
+        return bool(forwarder.ragmlx_gemv_forward_routes())
+    except AttributeError:  # a library built from an older gemv_forward.c
+        return True
 
 
 def _resolves_to_gemv_forward(path: str | None) -> bool:
@@ -277,8 +338,14 @@ class _DlInfo(ctypes.Structure):
 def _library_of(handle: ctypes.CDLL, symbol: str) -> str | None:
     """File of the library that `dlsym(handle, symbol)` resolves to, or None when it is not found."""
     try:
-        address = ctypes.cast(getattr(handle, symbol), ctypes.c_void_p).value
+        return _library_at(ctypes.cast(getattr(handle, symbol), ctypes.c_void_p).value)
     except AttributeError:
+        return None
+
+
+def _library_at(address: int | None) -> str | None:
+    """File of the loaded library that holds `address`, or None."""
+    if not address:
         return None
     for libname in (None, "libdl.so.2"):  # glibc >= 2.34 has dladdr in libc; older ones in libdl
         try:
@@ -316,8 +383,11 @@ def mlx_blas_library() -> str | None:
     import mlx.core as mx
 
     found = _library_of(ctypes.CDLL(None), REQUIRED_SYMBOLS[0])
-    if _resolves_to_gemv_forward(found):  # it forwards the rest to the BLAS that defines cblas_dgemm too
-        found = _library_of(ctypes.CDLL(None), REQUIRED_SYMBOLS[1])
+    forwarder = _forwarder_of_mlx()
+    if forwarder is not None:  # the library it calls, found by address (the BLAS's names may be prefixed)
+        target = forwarder.ragmlx_gemv_forward_target
+        target.restype = ctypes.c_void_p
+        found = _library_at(target())
     if found is not None:
         return found
     try:
@@ -386,9 +456,15 @@ def ensure_fast_blas(
     lib = find_fast_blas(env)
     if lib is None:
         return f"BLAS: reference netlib BLAS (slow; {_SLOW_HINT})"
-    forward = build_gemv_forward(env) if env.get("RAGMLX_GEMV_FORWARD", "") != "0" else None
+    prefix = blas_prefix(lib) or ""
+    forward = build_gemv_forward(env) if prefix or env.get("RAGMLX_GEMV_FORWARD", "") != "0" else None
+    if prefix and not forward:  # MLX reaches a prefixed BLAS only through the forwarder
+        return f"BLAS: reference netlib BLAS (slow; using {lib} needs a C compiler: cc, gcc or g++)"
     ours = f"{forward}:{lib}" if forward else lib  # the forwarder first: its cblas_sgemm must win the lookup
     new_env = dict(env)
+    new_env.pop("RAGMLX_BLAS_PREFIX", None)
+    if prefix:  # the names the forwarder calls
+        new_env["RAGMLX_BLAS_PREFIX"] = prefix
     existing = env.get("LD_PRELOAD", "")
     new_env["LD_PRELOAD"] = f"{ours}:{existing}" if existing else ours
     new_env["RAGMLX_REEXEC"] = "1"

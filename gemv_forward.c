@@ -6,6 +6,11 @@
  * whole matrix before its one pass of arithmetic; its sgemv reads the matrix once. OpenBLAS 0.3.28+ forwards these
  * calls itself, but only on ARM64, POWER and RISC-V. fastpath.py compiles this file and preloads it before the BLAS;
  * each call it does not forward goes on to the next cblas_sgemm in the lookup order (the BLAS's own).
+ *
+ * It also lets MLX use a BLAS whose names carry a prefix, such as the pip package scipy-openblas32
+ * (`scipy_cblas_sgemm`): the re-exec sets RAGMLX_BLAS_PREFIX, and this library, the only `cblas_sgemm` MLX then
+ * finds before its bundled reference BLAS, calls the prefixed functions. RAGMLX_GEMV_FORWARD=0 sends every call
+ * to sgemm (fastpath.py leaves this library out then, unless the BLAS is a prefixed one that needs it).
  */
 #define _GNU_SOURCE
 #include <dlfcn.h>
@@ -30,11 +35,31 @@ void ragmlx_gemv_forward_to(sgemm_fn sgemm, sgemv_fn sgemv) {
     next_sgemm = sgemm;
 }
 
+static void look_up(void) { /* two threads may both look up: they store the same addresses */
+    const char *prefix = getenv("RAGMLX_BLAS_PREFIX"), *gemv = getenv("RAGMLX_GEMV_FORWARD");
+    char name[64];
+    snprintf(name, sizeof name, "%scblas_sgemv", prefix ? prefix : "");
+    next_sgemv = gemv && strcmp(gemv, "0") == 0 ? NULL : (sgemv_fn)dlsym(RTLD_NEXT, name);
+    snprintf(name, sizeof name, "%scblas_sgemm", prefix ? prefix : "");
+    next_sgemm = (sgemm_fn)dlsym(RTLD_NEXT, name);
+}
+
+/* The sgemm calls go on to (NULL when there is none), and whether matrix-vector shapes go to sgemv: fastpath.py
+ * names the library behind this one from the first, and says whether products are forwarded from the second. */
+void *ragmlx_gemv_forward_target(void) {
+    if (!next_sgemm) look_up();
+    return (void *)next_sgemm;
+}
+
+int ragmlx_gemv_forward_routes(void) {
+    if (!next_sgemm) look_up();
+    return next_sgemv != NULL;
+}
+
 void cblas_sgemm(int order, int trans_a, int trans_b, int m, int n, int k, float alpha, const float *a, int lda,
                  const float *b, int ldb, float beta, float *c, int ldc) {
-    if (!next_sgemm) { /* two threads may both look up: they store the same addresses */
-        next_sgemv = (sgemv_fn)dlsym(RTLD_NEXT, "cblas_sgemv");
-        next_sgemm = (sgemm_fn)dlsym(RTLD_NEXT, "cblas_sgemm");
+    if (!next_sgemm) {
+        look_up();
         if (!next_sgemm) {
             fputs("gemv_forward: no BLAS after it in LD_PRELOAD (cblas_sgemm not found)\n", stderr);
             abort();

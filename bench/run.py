@@ -103,6 +103,7 @@ def worker_env() -> dict:
     """This process's environment minus the BLAS preload fastpath added, i.e. what the user started us with."""
     env = dict(os.environ)
     ours = env.pop("RAGMLX_PRELOADED", "")
+    env.pop("RAGMLX_BLAS_PREFIX", None)
     if env.pop("RAGMLX_REEXEC", None) == "1" and ours:
         rest = env.get("LD_PRELOAD", "").removeprefix(ours).lstrip(":")
         if rest:

@@ -16,10 +16,12 @@ if str(ROOT) not in sys.path:
 if sys.platform.startswith("linux") and os.environ.get("RAGMLX_FAST_BLAS") != "0" and "mlx.core" not in sys.modules:
     import fastpath
 
-    _blas = fastpath.find_fast_blas()
+    _forward = fastpath.build_gemv_forward()
+    _blas = fastpath.find_fast_blas(with_prefixed=_forward is not None)
     if _blas:  # with the GEMV forwarder first, as main.py's re-exec preloads them
-        forward = fastpath.build_gemv_forward() if os.environ.get("RAGMLX_GEMV_FORWARD") != "0" else None
-        fastpath.load_blas_in_process(_blas, forward)
+        _gemv = os.environ.get("RAGMLX_GEMV_FORWARD") != "0"
+        _prefixed = bool(fastpath.blas_prefix(_blas))
+        fastpath.load_blas_in_process(_blas, _forward if _gemv or _prefixed else None, gemv=_gemv)
 
 # As main.py does on the CPU before MLX evaluates anything (see cores.py).
 import cores  # noqa: E402

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import contextlib
-import ctypes
 import os
 import subprocess
 import sys
@@ -96,11 +95,12 @@ def test_outside_spread_or_with_one_stream_nothing_is_split(streams):
 
 
 def blas_threads():
-    lib = ctypes.CDLL(None)
-    return getattr(lib, "openblas_get_num_threads", None)
+    """The BLAS's thread-count getter that cores.spread uses (OpenBLAS, the scipy-openblas32 wheel's, MKL)."""
+    functions = cores._blas_threads_functions()
+    return functions[0] if functions else None
 
 
-@pytest.mark.skipif(blas_threads() is None, reason="no OpenBLAS in this process")
+@pytest.mark.skipif(blas_threads() is None, reason="no BLAS with a thread count in this process")
 def test_spread_runs_the_blas_single_threaded_and_restores_it_even_on_error(streams):
     streams(2)
     before = blas_threads()()

@@ -167,6 +167,7 @@ def test_compiler_check(monkeypatch):
 
 def _clean_env() -> dict[str, str]:
     drop = {"LD_PRELOAD", "RAGMLX_REEXEC", "RAGMLX_FAST_BLAS", "RAGMLX_BLAS", "RAGMLX_GEMV_FORWARD", "RAGMLX_PRELOADED"}
+    drop |= {"RAGMLX_BLAS_PREFIX"}
     return {k: v for k, v in os.environ.items() if k not in drop}
 
 
@@ -446,3 +447,84 @@ def test_precompiled_kernel_header_is_rebuilt_when_stale_and_can_be_turned_off(t
     assert fastpath.precompile_kernel_header(env) == str(pch) and pch.stat().st_mtime_ns != second
     assert json.loads(stamp.read_text())["headers"][0][1] == recorded["headers"][0][1] - 1
     assert sorted(p.name for p in pch.parent.iterdir()) == [pch.name, stamp.name]  # no partial files left
+
+
+PIP_OPENBLAS = next(iter(fastpath._pip_openblas_candidates()), None)
+needs_pip_openblas = pytest.mark.skipif(
+    not sys.platform.startswith("linux") or PIP_OPENBLAS is None, reason="needs the scipy-openblas32 wheel on Linux"
+)
+
+
+@needs_pip_openblas
+def test_blas_prefix_tells_plain_prefixed_and_other_libraries(tmp_path):
+    assert fastpath.blas_prefix(PIP_OPENBLAS) == "scipy_" and fastpath.is_usable_blas(PIP_OPENBLAS) is False
+    system = fastpath.find_fast_blas({}, with_prefixed=False)
+    if system is not None:
+        assert fastpath.blas_prefix(system) == ""
+    forwarder = fastpath.build_gemv_forward(cache_dir=tmp_path)
+    if forwarder is not None:  # defines cblas_sgemm only: not a BLAS
+        assert fastpath.blas_prefix(forwarder) is None
+    (tmp_path / "empty.so").write_bytes(b"")
+    assert fastpath.blas_prefix(str(tmp_path / "empty.so")) is None
+
+
+@needs_pip_openblas
+def test_pip_openblas_is_the_last_resort_and_needs_the_forwarder(monkeypatch):
+    monkeypatch.setattr(fastpath, "_OPENBLAS_PATHS", ())
+    monkeypatch.setattr(fastpath, "_ldconfig_openblas", lambda: [])
+    monkeypatch.setattr(fastpath, "_mkl_candidates", lambda: [])
+    assert fastpath.find_fast_blas({}) == PIP_OPENBLAS
+    assert fastpath.find_fast_blas({}, with_prefixed=False) is None
+    assert fastpath.find_fast_blas({"RAGMLX_BLAS": PIP_OPENBLAS}) == PIP_OPENBLAS  # an explicit prefixed one is fine
+
+    monkeypatch.setattr(sys, "platform", "linux")
+    monkeypatch.setattr(platform, "system", lambda: "Linux")
+    monkeypatch.setattr(fastpath, "uses_reference_blas", lambda: True)
+    forwarder = "/cache/libragmlx_gemv_forward-abc.so"
+    monkeypatch.setattr(fastpath, "build_gemv_forward", lambda env=None, cache_dir=None: forwarder)
+    for env in ({}, {"RAGMLX_GEMV_FORWARD": "0"}):  # opted out of GEMV, the forwarder still carries the names
+        execv = FakeExec()
+        fastpath.ensure_fast_blas(["main.py"], env=env, execv=execv)
+        new_env = execv.calls[0][2]
+        assert new_env["LD_PRELOAD"] == f"{forwarder}:{PIP_OPENBLAS}" and new_env["RAGMLX_BLAS_PREFIX"] == "scipy_"
+        assert new_env.get("RAGMLX_GEMV_FORWARD") == env.get("RAGMLX_GEMV_FORWARD")
+    monkeypatch.setattr(fastpath, "build_gemv_forward", lambda env=None, cache_dir=None: None)
+    execv = FakeExec()
+    message = fastpath.ensure_fast_blas(["main.py"], env={}, execv=execv)
+    assert not execv.calls and "slow" in message and "C compiler" in message
+    # A plain BLAS never inherits a prefix a parent process set.
+    monkeypatch.setattr(fastpath, "find_fast_blas", lambda env=None, with_prefixed=True: FAKE_LIB)
+    monkeypatch.setattr(fastpath, "blas_prefix", lambda path: "")
+    execv = FakeExec()
+    fastpath.ensure_fast_blas(["main.py"], env={"RAGMLX_BLAS_PREFIX": "scipy_"}, execv=execv)
+    assert "RAGMLX_BLAS_PREFIX" not in execv.calls[0][2]
+
+
+_PIP_CHILD = """
+import sys, numpy as np, fastpath
+print(fastpath.ensure_fast_blas(sys.argv))
+import mlx.core as mx, cores
+rng = np.random.default_rng(0)
+worst = 0.0
+for m, k, n in [(300, 200, 100), (1, 64, 405), (405, 64, 1), (16, 256, 1000)]:
+    a, b = rng.standard_normal((m, k)).astype(np.float32), rng.standard_normal((k, n)).astype(np.float32)
+    got = np.array(mx.array(a) @ mx.array(b))
+    worst = max(worst, float(np.abs(got - a.astype(np.float64) @ b).max()))
+print(worst, cores._blas_threads_functions() is not None)
+print(fastpath.blas_in_use())
+"""
+
+
+@needs_pip_openblas
+def test_real_reexec_with_the_pip_openblas():
+    if fastpath.build_gemv_forward() is None:
+        pytest.skip("no C compiler here")
+    for extra in ({}, {"RAGMLX_GEMV_FORWARD": "0"}):
+        env = {**_clean_env(), "RAGMLX_BLAS": PIP_OPENBLAS, "PYTHONPATH": str(ROOT), **extra}
+        out = subprocess.run([sys.executable, "-c", _PIP_CHILD], env=env, capture_output=True, text=True, timeout=120)
+        assert out.returncode == 0, out.stderr
+        message, checks, in_use = out.stdout.strip().splitlines()[-3:]
+        worst, threads = checks.split()
+        assert float(worst) < 1e-3 and threads == "True"  # products right; spread() can set its thread count
+        assert in_use.startswith(f"OpenBLAS ({PIP_OPENBLAS}") and ", preloaded" in message
+        assert ("matrix-vector products as GEMV" in in_use) == (not extra)
