@@ -16,9 +16,12 @@ made of them), and the rest on to the BLAS. `RAGMLX_GEMV_FORWARD=0` leaves it ou
 `mx.compile` on the CPU builds each fused kernel with `g++` the first time a machine needs it;
 `precompile_kernel_header` makes those builds ~4x faster by giving GCC the header they all include precompiled.
 
-The `scipy_openblas` that numpy and scipy wheels bundle cannot serve: it exports only prefixed names
-(`scipy_cblas_sgemm64_`, `scipy_cblas_sgemm`), not the `cblas_sgemm` MLX imports. On macOS MLX already
-uses Accelerate.
+Without a system OpenBLAS (or MKL), the BLAS is the `scipy-openblas32` wheel from requirements.txt, so `pip install`
+alone gives the fast path, no root needed. It exports only prefixed names (`scipy_cblas_sgemm`), not the
+`cblas_sgemm` MLX imports, so it needs the forwarder, which then calls the prefixed functions (RAGMLX_BLAS_PREFIX
+tells it the prefix). Training steps and large GEMMs ran as fast as with Debian's OpenBLAS 0.3.21 on machine A,
+cached decoding ~10% slower, so a system OpenBLAS still comes first. (numpy's own bundled copy, `scipy_openblas64_`,
+uses 64-bit integers and cannot stand in for the LP64 CBLAS MLX calls.) On macOS MLX already uses Accelerate.
 """
 
 from __future__ import annotations
