@@ -112,9 +112,9 @@ def is_usable_blas(path: str) -> bool:
 
 
 def blas_prefix(path: str) -> str | None:
-    """ "" for a BLAS that defines every CBLAS entry point MLX imports under their own names; a prefix ("scipy_")
-    for one that defines `<prefix>cblas_sgemm` and `<prefix>cblas_sgemv`, which MLX reaches only through
-    gemv_forward.c; None for anything else (or an unreadable or truncated file)."""
+    """The prefix of the BLAS's CBLAS names: empty for one that defines every entry point MLX imports under its
+    own name; "scipy_" (say) for one that defines `<prefix>cblas_sgemm` and `<prefix>cblas_sgemv`, which MLX
+    reaches only through gemv_forward.c; None for anything else (or an unreadable or truncated file)."""
     try:
         names = exported_symbols(path)
     except (OSError, struct.error):
@@ -388,9 +388,12 @@ def mlx_blas_library() -> str | None:
     found = _library_of(ctypes.CDLL(None), REQUIRED_SYMBOLS[0])
     forwarder = _forwarder_of_mlx()
     if forwarder is not None:  # the library it calls, found by address (the BLAS's names may be prefixed)
-        target = forwarder.ragmlx_gemv_forward_target
-        target.restype = ctypes.c_void_p
-        found = _library_at(target())
+        try:
+            target = forwarder.ragmlx_gemv_forward_target
+            target.restype = ctypes.c_void_p
+            found = _library_at(target())
+        except AttributeError:  # built from an older gemv_forward.c: its BLAS also defines cblas_dgemm
+            found = _library_of(ctypes.CDLL(None), REQUIRED_SYMBOLS[1])
     if found is not None:
         return found
     try:
@@ -517,7 +520,7 @@ def compiler_message() -> str | None:
     return "mx.compile: g++ not found on PATH, compiled steps run uncompiled on CPU (apt-get install g++)"
 
 
-# The header every kernel MLX 0.2x/0.3x's CPU JIT writes starts with; libmlx.so holds this line when it does.
+# The header every kernel MLX 0.32's CPU JIT writes starts with; libmlx.so holds this line when it does.
 KERNEL_HEADER = "mlx/backend/cpu/compiled_preamble.h"
 _KERNEL_INCLUDE = f'#include "{KERNEL_HEADER}"'.encode()
 # libmlx.so's build command, less `-shared` and the output (`strings libmlx.so | grep 'g++ -std'`); a precompiled
@@ -554,7 +557,7 @@ def precompile_kernel_header(env: Mapping[str, str] = os.environ, timeout: float
     parsing that header is most of the run: 0.8 s a kernel, ~100 kernels (80 s) on a fresh machine before the
     main command's steps run at speed. GCC looks for `<header>.gch` in the including file's folder before the -I
     folders, so a PCH at `<kernel folder>/mlx/backend/cpu/compiled_preamble.h.gch` is used by every later kernel
-    build: 0.2 s a kernel, the same machine code (all 99 of the main command's kernels compared). A stamp beside
+    build: 0.2 s a kernel, the same machine code (all 99 kernels then in the cache compared). A stamp beside
     it records the g++ and every header it was built from (size, mtime); any change rebuilds it. GCC ignores a
     PCH it cannot use (another g++, other options), so the worst case is the old speed. None (nothing built) off
     Linux, without g++, with `RAGMLX_KERNEL_PCH=0`, when this MLX does not include that header, or on failure.

@@ -184,7 +184,7 @@ def test_real_reexec_loads_fast_blas():
     env = _clean_env()
     lib = fastpath.find_fast_blas(env)
     if lib is None:
-        pytest.skip("no fast BLAS on this machine (apt-get install libopenblas0-pthread or pip install mkl)")
+        pytest.skip("no fast BLAS here (pip install scipy-openblas32, or apt-get install libopenblas0-pthread)")
     out = subprocess.run(
         [sys.executable, "-c", SNIPPET, "--flag", "value"],
         cwd=ROOT,
