@@ -282,14 +282,21 @@ def build_gemv_forward(env: Mapping[str, str] = os.environ, cache_dir: Path | No
     return None
 
 
-def load_blas_in_process(blas: str, forward: str | None = None, gemv: bool = True) -> None:
-    """Make MLX, not imported yet, use the BLAS at `blas` (and the forwarder at `forward` first) in this process:
-    load them RTLD_GLOBAL, as LD_PRELOAD would (the tests do this instead of re-executing pytest). A BLAS with
-    prefixed names needs the forwarder; `gemv=False` has it send every product to sgemm."""
+def needs_forwarder(prefix: str, env: Mapping[str, str]) -> bool:
+    """Whether gemv_forward.c goes in front of a BLAS whose names carry `prefix`: to route matrix-vector products
+    to sgemv (unless RAGMLX_GEMV_FORWARD=0), and always for a prefixed BLAS, which MLX reaches only through it."""
+    return bool(prefix) or env.get("RAGMLX_GEMV_FORWARD", "") != "0"
+
+
+def load_blas_in_process(blas: str, forward: str | None = None, env: Mapping[str, str] = os.environ) -> None:
+    """Make MLX, not imported yet, use the BLAS at `blas` (and the forwarder at `forward` first, when
+    `needs_forwarder`) in this process: load them RTLD_GLOBAL, as LD_PRELOAD would (the tests do this instead of
+    re-executing pytest). With RAGMLX_GEMV_FORWARD=0 a prefixed BLAS's forwarder sends every product to sgemm."""
     prefix = blas_prefix(blas) or ""
     if prefix and not forward:
         raise ValueError(f"{blas}: its names start with {prefix!r}, so MLX can only reach it through gemv_forward.c")
-    if forward:
+    if forward and needs_forwarder(prefix, env):
+        gemv = env.get("RAGMLX_GEMV_FORWARD", "") != "0"
         forwarder = ctypes.CDLL(forward, mode=ctypes.RTLD_GLOBAL)
         library = ctypes.CDLL(blas, mode=ctypes.RTLD_GLOBAL)
         to = forwarder[_GEMV_FORWARD_MARK]
@@ -303,9 +310,14 @@ def load_blas_in_process(blas: str, forward: str | None = None, gemv: bool = Tru
 def _forwarder_of_mlx() -> ctypes.CDLL | None:
     """gemv_forward.c's library when MLX's `cblas_sgemm` resolves to it in this process, else None."""
     path = _library_of(ctypes.CDLL(None), REQUIRED_SYMBOLS[0]) if _is_linux() else None
-    if not _resolves_to_gemv_forward(path):
+    if path is None:
         return None
-    return ctypes.CDLL(path, mode=os.RTLD_NOLOAD | os.RTLD_LAZY)
+    try:
+        library = ctypes.CDLL(path, mode=os.RTLD_NOLOAD | os.RTLD_LAZY)
+        library[_GEMV_FORWARD_MARK]  # a function only that library defines
+        return library
+    except (OSError, AttributeError):
+        return None
 
 
 def gemv_forwarding_active() -> bool:
@@ -317,16 +329,6 @@ def gemv_forwarding_active() -> bool:
         return bool(forwarder.ragmlx_gemv_forward_routes())
     except AttributeError:  # a library built from an older gemv_forward.c
         return True
-
-
-def _resolves_to_gemv_forward(path: str | None) -> bool:
-    if path is None:
-        return False
-    try:
-        ctypes.CDLL(path, mode=os.RTLD_NOLOAD | os.RTLD_LAZY)[_GEMV_FORWARD_MARK]
-        return True
-    except (OSError, AttributeError):
-        return False
 
 
 class _DlInfo(ctypes.Structure):
@@ -463,7 +465,7 @@ def ensure_fast_blas(
     if lib is None:
         return f"BLAS: reference netlib BLAS (slow; {_SLOW_HINT})"
     prefix = blas_prefix(lib) or ""
-    forward = build_gemv_forward(env) if prefix or env.get("RAGMLX_GEMV_FORWARD", "") != "0" else None
+    forward = build_gemv_forward(env) if needs_forwarder(prefix, env) else None
     if prefix and not forward:  # MLX reaches a prefixed BLAS only through the forwarder
         return f"BLAS: reference netlib BLAS (slow; using {lib} needs a C compiler: cc, gcc or g++)"
     ours = f"{forward}:{lib}" if forward else lib  # the forwarder first: its cblas_sgemm must win the lookup
@@ -568,7 +570,8 @@ def precompile_kernel_header(env: Mapping[str, str] = os.environ, timeout: float
     import mlx.core as mx
 
     package = Path(mx.__file__).parent
-    include, header = package / "include", package / "include" / KERNEL_HEADER
+    include = package / "include"
+    header = include / KERNEL_HEADER
     target = mlx_kernel_dir(env) / f"{KERNEL_HEADER}.gch"
     stamp_path = target.with_name(target.name + ".json")
     partial, deps = (target.with_name(f"{target.name}.{os.getpid()}.{x}") for x in ("tmp", "d"))

@@ -60,7 +60,7 @@ def setup_runtime(args: argparse.Namespace) -> None:
     args.use_compile = args.compile == "yes" or (args.compile == "auto" and (args.gpu or fastpath.compiler_available()))
     if args.use_compile and not args.gpu:
         if fastpath.compiler_available():
-            fastpath.precompile_kernel_header()  # once per machine: later kernel builds ~4x faster
+            fastpath.precompile_kernel_header()  # once per kernel cache: later kernel builds ~4x faster
         else:
             print(fastpath.compiler_message())
     mx.random.seed(args.seed)

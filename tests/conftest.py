@@ -13,22 +13,17 @@ ROOT = Path(__file__).resolve().parent.parent
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
-if sys.platform.startswith("linux") and os.environ.get("RAGMLX_FAST_BLAS") != "0" and "mlx.core" not in sys.modules:
-    import fastpath
+import fastpath  # noqa: E402
 
+if sys.platform.startswith("linux") and os.environ.get("RAGMLX_FAST_BLAS") != "0" and "mlx.core" not in sys.modules:
     _forward = fastpath.build_gemv_forward()
     _blas = fastpath.find_fast_blas(with_prefixed=_forward is not None)
-    if _blas:  # with the GEMV forwarder first, as main.py's re-exec preloads them
-        _gemv = os.environ.get("RAGMLX_GEMV_FORWARD") != "0"
-        _prefixed = bool(fastpath.blas_prefix(_blas))
-        fastpath.load_blas_in_process(_blas, _forward if _gemv or _prefixed else None, gemv=_gemv)
+    if _blas:  # with the GEMV forwarder first where needed, as main.py's re-exec preloads them
+        fastpath.load_blas_in_process(_blas, _forward)
 
 # As main.py does on the CPU before MLX evaluates anything (see cores.py).
 import cores  # noqa: E402
 
 cores.widen_graph_order()
-
 # MLX's kernel builds for the tests' mx.compile calls, ~4x faster (Linux with g++; elsewhere nothing happens).
-import fastpath  # noqa: E402
-
 fastpath.precompile_kernel_header()
