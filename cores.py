@@ -28,6 +28,7 @@ import functools
 import glob
 import os
 from contextlib import contextmanager
+from dataclasses import dataclass
 from typing import Callable
 
 import mlx.core as mx
@@ -119,7 +120,7 @@ def _blas_threads_functions():
 @contextmanager
 def spread():
     """Inside, `map_rows` splits work over the configured streams and the BLAS uses one thread per call."""
-    if count() < 2 or mx.default_device() != mx.cpu or _State.active:
+    if not spreads() or _State.active:
         yield
         return
     blas = _blas_threads_functions()
@@ -135,6 +136,11 @@ def spread():
             blas[1](previous)
 
 
+def _slices(rows: int, parts: int) -> list[slice]:
+    bounds = [rows * i // parts for i in range(parts + 1)]
+    return [slice(start, stop) for start, stop in zip(bounds, bounds[1:])]
+
+
 def row_parts(rows: int) -> list[tuple[mx.Stream, slice]]:
     """How `map_rows` splits `rows` rows: inside `spread`, one contiguous slice per stream (at most one per row);
     otherwise every row on the default stream. For work that keeps per-slice state between calls (decoding
@@ -142,8 +148,27 @@ def row_parts(rows: int) -> list[tuple[mx.Stream, slice]]:
     parts = min(count(), rows) if _State.active else 1
     if parts < 2:
         return [(mx.default_stream(mx.default_device()), slice(0, rows))]
-    bounds = [rows * i // parts for i in range(parts + 1)]
-    return [(stream, slice(start, stop)) for stream, start, stop in zip(_State.streams, bounds, bounds[1:])]
+    return list(zip(_State.streams, _slices(rows, parts)))
+
+
+def spreads() -> bool:
+    """Whether `spread` splits work here: 2 or more streams and the CPU as the default device."""
+    return count() >= 2 and mx.default_device() == mx.cpu
+
+
+def spread_row_slices(rows: int, spreading: bool | None = None) -> list[slice]:
+    """The row slices `map_rows` will use inside `spread` (`spreading`: `spreads()`, which a thread other than
+    the one that set the default device should be given), for per-slice data made on the host (`PerPart`)."""
+    spreading = spreads() if spreading is None else spreading
+    return _slices(rows, min(count(), rows) if spreading else 1)
+
+
+@dataclass(frozen=True)
+class PerPart:
+    """A `map_rows` argument with one value per row slice (such as host-made index arrays: `layers.Packing`),
+    given to each slice's call as is instead of being cut by rows; `values` None gives every slice None."""
+
+    values: list | None
 
 
 def take_rows(value, rows: slice):
@@ -155,16 +180,26 @@ def take_rows(value, rows: slice):
 
 def map_rows(fn: Callable, *arrays):
     """`fn(*arrays)` with the rows (axis 0) of every array (or NamedTuple of arrays) split into one slice per
-    stream inside `spread`; the outputs (an array or a tuple of arrays, each with the rows along axis 0) are
-    concatenated back. Outside `spread`, or with fewer rows than two, exactly `fn(*arrays)`."""
+    stream inside `spread` (a `PerPart` argument gives each slice its own value); the outputs (an array or a tuple
+    of arrays, each with the rows along axis 0) are concatenated back. Outside `spread`, or with fewer rows than
+    two, exactly `fn(*arrays)`. The first argument must be an array (or NamedTuple of arrays)."""
     first = arrays[0][0] if hasattr(arrays[0], "_fields") else arrays[0]
     parts = row_parts(first.shape[0])
+    for a in arrays:
+        if isinstance(a, PerPart) and a.values is not None and len(a.values) != len(parts):
+            raise ValueError(f"{len(a.values)} per-part values for {len(parts)} row slices")
+
+    def part(a, j: int, rows: slice):
+        if isinstance(a, PerPart):
+            return None if a.values is None else a.values[j]
+        return a if len(parts) < 2 else take_rows(a, rows)
+
     if len(parts) < 2:
-        return fn(*arrays)
+        return fn(*(part(a, 0, parts[0][1]) for a in arrays))
     outs = []
-    for stream, rows in parts:
+    for j, (stream, rows) in enumerate(parts):
         with mx.stream(stream):
-            outs.append(fn(*(take_rows(a, rows) for a in arrays)))
+            outs.append(fn(*(part(a, j, rows) for a in arrays)))
     if isinstance(outs[0], mx.array):
         return mx.concatenate(outs, axis=0)
     merged = [mx.concatenate(column, axis=0) for column in zip(*outs)]

@@ -9,7 +9,6 @@ import mlx.core as mx
 import numpy as np
 
 import checkpoint as ckpt
-import cores
 import distributed as dist
 from metrics import mean_reciprocal_rank, recall_at_k
 
@@ -25,10 +24,7 @@ def embed(model, tokens: np.ndarray, batch_size: int = 256, progress: bool = Fal
 
         rng = tqdm(rng, desc="embedding chunks", unit="batch", leave=False, disable=None)  # None: off when not a TTY
     for i in rng:
-        with cores.spread():  # each batch's rows over the CPU's cores
-            e = model(mx.array(np.asarray(tokens[i : i + batch_size])))
-            mx.eval(e)
-        out.append(e)
+        out.append(model.embed_rows(np.asarray(tokens[i : i + batch_size])))  # packed, over the CPU's cores
     return mx.concatenate(out, axis=0) if out else mx.zeros((0, model.args.embedding_dim))
 
 
@@ -175,8 +171,7 @@ def write_shard(model, chunks, path: Path, batch_size: int = 256, progress: bool
         out = np.lib.format.open_memmap(tmp, mode="w+", dtype=np.float32, shape=shape)
         starts = range(0, len(chunks), batch_size)
         for i in tqdm(starts, desc="embedding chunks", unit="batch", leave=False, disable=None if progress else True):
-            with cores.spread():
-                out[i : i + batch_size] = np.array(model(mx.array(np.asarray(chunks[i : i + batch_size]))))
+            out[i : i + batch_size] = np.array(model.embed_rows(np.asarray(chunks[i : i + batch_size])))
         out.flush()
         del out
 

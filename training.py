@@ -14,7 +14,7 @@ from typing import Callable, Iterator
 import mlx.core as mx
 import mlx.nn as nn
 import mlx.optimizers as optim
-from mlx.utils import tree_flatten, tree_unflatten
+from mlx.utils import tree_flatten, tree_map, tree_unflatten
 
 import checkpoint as ckpt
 import cores
@@ -159,6 +159,7 @@ def fit(
     log: Callable[[str], None] = print,
     compile: bool = True,
     shard_batch: Callable[[tuple, int, int], tuple] | None = None,
+    prepare: Callable[[tuple], tuple] | None = None,
 ) -> dict:
     """Train from `start_step` to `cfg.num_iters`.
 
@@ -171,7 +172,8 @@ def fit(
     its disjoint share, `shard_batch(batch, rank, size)` (default: contiguous rows of every array), so
     --batch_size means the same with 1 or N processes. `evaluate` runs on every rank (it may use collectives
     and must log on rank 0 only); only rank 0 logs, saves and reports losses averaged over ranks; a Ctrl+C on
-    any rank stops all of them after the same step."""
+    any rank stops all of them after the same step. `prepare(batch)` then adds what is made from the local batch
+    on the host (arrays, or lists and tuples of them: the encoders' packing plans) before it reaches the step."""
     _, rank, size = dist.world()
     main = rank == 0
     if size > 1:
@@ -187,6 +189,8 @@ def fit(
         log = log if main else (lambda _msg: None)
     shard_batch = shard_batch or _shard_rows
     local_batch = make_batch if size == 1 else (lambda step: shard_batch(make_batch(step), rank, size))
+    if prepare is not None:  # host-side work on this process's batch (packing plans), on the prefetch thread
+        local_batch = (lambda make: lambda step: prepare(make(step)))(local_batch)
     step_fn = build_step(model, optimizer, loss_fn, cfg.grad_clip, compile=compile)
     metrics: dict = {}
     if start_step >= cfg.num_iters:
@@ -203,7 +207,7 @@ def fit(
                 metrics = evaluate(step)
                 tic = time.perf_counter()  # the report measures training, not evaluation
             with cores.spread():  # the step's rows over the CPU's cores
-                loss, (aux, ntok) = step_fn(*(mx.array(b) for b in batch))
+                loss, (aux, ntok) = step_fn(*batch_to_mx(batch))
                 mx.eval(loss, aux, ntok, model.state, optimizer.state)
             losses.append(loss)
             auxes.append(aux)
@@ -246,6 +250,11 @@ def fit(
                 log(f"stopped at step {done}; resume by running the same command again")
                 break
     return metrics
+
+
+def batch_to_mx(batch: tuple) -> tuple:
+    """A host batch (numpy arrays, in lists and tuples; None kept) as `mx` arrays."""
+    return tree_map(lambda a: None if a is None else mx.array(a), batch)
 
 
 def _shard_rows(batch: tuple, rank: int, size: int) -> tuple:

@@ -79,6 +79,23 @@ def test_map_rows_splits_over_distinct_streams_and_concatenates_in_order(streams
     np.testing.assert_array_equal(pairs, np.array(x) * 2 + np.array(x[:, :1]))
 
 
+def test_per_part_values_go_to_their_slice_as_planned_on_the_host(streams):
+    streams(3)
+    x = mx.arange(7)[:, None]
+    slices = cores.spread_row_slices(7)
+    assert slices == [slice(0, 2), slice(2, 4), slice(4, 7)]
+    assert cores.spread_row_slices(7, spreading=False) == [slice(0, 7)]
+    with cores.spread():
+        assert [rows for _, rows in cores.row_parts(7)] == slices  # the plan is the split
+        out = cores.map_rows(lambda r, v: r * 0 + v, x, cores.PerPart([10, 20, 30]))
+        nones = cores.map_rows(lambda r, v: r + (v is None), x, cores.PerPart(None))
+        with pytest.raises(ValueError, match="2 per-part values for 3 row slices"):
+            cores.map_rows(lambda r, v: r, x, cores.PerPart([1, 2]))
+    assert np.array(out).ravel().tolist() == [10, 10, 20, 20, 30, 30, 30]
+    np.testing.assert_array_equal(nones, np.array(x) + 1)
+    assert np.array(cores.map_rows(lambda r, v: r * v, x, cores.PerPart([2]))).ravel().tolist() == list(range(0, 14, 2))
+
+
 def test_outside_spread_or_with_one_stream_nothing_is_split(streams):
     calls = []
 
