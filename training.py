@@ -253,8 +253,8 @@ def fit(
 
 
 def batch_to_mx(batch: tuple) -> tuple:
-    """A host batch (numpy arrays, in lists and tuples; None kept) as `mx` arrays."""
-    return tree_map(lambda a: None if a is None else mx.array(a), batch)
+    """A host batch (numpy arrays, also in lists and tuples) as `mx` arrays."""
+    return tree_map(mx.array, batch)
 
 
 def _shard_rows(batch: tuple, rank: int, size: int) -> tuple:

@@ -13,7 +13,6 @@ from helpers import tiny_generator, tiny_retriever
 import cores  # noqa: E402
 import generator as G  # noqa: E402
 import layers  # noqa: E402
-import retriever as R  # noqa: E402
 import training as T  # noqa: E402
 from datasets import BOS_ID, EOS_ID, PAD_ID  # noqa: E402
 
@@ -116,7 +115,7 @@ def fid_batch(rng, B: int = 5):
 
 
 @pytest.mark.parametrize("n_streams", [1, 2])
-def test_packed_training_losses_and_gradients_equal_the_padded_ones(streams, n_streams):
+def test_packed_generator_loss_and_gradients_equal_the_padded_ones(streams, n_streams):
     streams(n_streams)
     rng = np.random.default_rng(2)
     gen = tiny_generator(V)
@@ -124,13 +123,6 @@ def test_packed_training_losses_and_gradients_equal_the_padded_ones(streams, n_s
     packed = G.with_packings(batch, cores.spreads())
     assert len(packed) == 4 and len(packed[3]) == n_streams
     assert_same(loss_and_grads(gen, G.seq2seq_loss, packed), loss_and_grads(gen, G.seq2seq_loss, batch))
-
-    retr = tiny_retriever(V)
-    questions, chunks = ragged(rng, 6, 9), ragged(rng, 10, 16)
-    batch = (questions, chunks, np.zeros((6, 10), bool))
-    packed = R.with_packings(batch, cores.spreads())
-    assert packed[3] is None and all(len(p) == n_streams for p in packed[4])
-    assert_same(loss_and_grads(retr, R.contrastive_loss, packed), loss_and_grads(retr, R.contrastive_loss, batch))
 
 
 def test_compiled_packed_steps_follow_the_padded_ones(streams):
