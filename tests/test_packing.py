@@ -115,11 +115,12 @@ def fid_batch(rng, B: int = 5):
     return passages, answer_in, answers
 
 
-@pytest.mark.parametrize("n_streams", [1, 2])
-def test_packed_generator_loss_and_gradients_equal_the_padded_ones(streams, n_streams):
+@pytest.mark.parametrize("n_streams,checkpoint", [(1, False), (2, False), (2, True)])
+def test_packed_generator_loss_and_gradients_equal_the_padded_ones(streams, n_streams, checkpoint):
     streams(n_streams)
     rng = np.random.default_rng(2)
-    gen = tiny_generator(V)
+    mx.random.seed(2)
+    gen = tiny_generator(V, checkpoint=checkpoint)
     batch = fid_batch(rng)
     packed = G.with_packings(batch, cores.spreads())
     assert len(packed) == 4 and len(packed[3]) == n_streams
