@@ -9,6 +9,8 @@ import os
 import sys
 from pathlib import Path
 
+import pytest
+
 ROOT = Path(__file__).resolve().parent.parent
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
@@ -27,3 +29,11 @@ import cores  # noqa: E402
 cores.widen_graph_order()
 # MLX's kernel builds for the tests' mx.compile calls, ~4x faster (Linux with g++; elsewhere nothing happens).
 fastpath.precompile_kernel_header()
+
+
+@pytest.fixture
+def streams():
+    """`cores.configure` for one test (how many CPU streams `map_rows` uses), then what was configured before."""
+    before = cores.count()
+    yield cores.configure
+    cores.configure(before)

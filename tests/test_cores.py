@@ -24,14 +24,6 @@ import training as T  # noqa: E402
 
 
 @pytest.fixture
-def streams():
-    """Configure `n` streams for one test, then put back what was configured before."""
-    before = cores.count()
-    yield cores.configure
-    cores.configure(before)
-
-
-@pytest.fixture
 def spread_calls(monkeypatch) -> list[bool]:
     """Record, for every `cores.map_rows` call, whether it ran inside `spread()` (`monkeypatch.undo()` stops it)."""
     calls = []

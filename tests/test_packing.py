@@ -19,13 +19,6 @@ from datasets import BOS_ID, EOS_ID, PAD_ID  # noqa: E402
 V = 64
 
 
-@pytest.fixture
-def streams():
-    before = cores.count()
-    yield cores.configure
-    cores.configure(before)
-
-
 def ragged(rng, rows: int, width: int, shortest: int = 2) -> np.ndarray:
     """Random token rows, each PAD after a random length (at least `shortest`)."""
     t = rng.integers(4, V, size=(rows, width)).astype(np.int32)
