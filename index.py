@@ -240,8 +240,10 @@ def load_or_build(
     log=print,
     embedding_identifier: str | None = None,
     kind: str = "exact",
+    embeddings: mx.array | None = None,
 ):
-    """The chunk index of this retriever checkpoint: read from its cache, or built and cached.
+    """The chunk index of this retriever checkpoint: read from its cache, or built and cached (from `embeddings`
+    of every chunk by this checkpoint when the caller has them: the retriever's last evaluation).
 
     A cache whose metadata names another retriever, or with the wrong number of chunks, is rebuilt. The cache is
     `<id>.embedding-<i>-of-<n>.npy` shards (one per process that built it) and `<id>.embedding.json`, written
@@ -258,7 +260,9 @@ def load_or_build(
         index = _read_cache(directory, name, retriever_id, len(chunks), log)
     # Every rank must take part in building if any must (a rank without the shared folder would otherwise hang).
     if dist.any_flag(index is None):
-        index = _build(model, retriever_id, chunks, directory, log)
+        if embeddings is not None and len(embeddings) != len(chunks):
+            embeddings = None
+        index = _build(model, retriever_id, chunks, directory, log, embeddings)
         name = retriever_id
     if kind == "exact":
         return index
@@ -266,8 +270,9 @@ def load_or_build(
     return load_or_build_approximate(emb, directory, name, retriever_id, kind, log)
 
 
-def _build(model, retriever_id: str, chunks: np.ndarray, directory: Path, log) -> ShardedIndex:
-    """Each rank embeds its contiguous share of the chunks into its own shard file; rank 0 writes the manifest.
+def _build(model, retriever_id: str, chunks: np.ndarray, directory: Path, log, embeddings=None) -> ShardedIndex:
+    """Each rank embeds its contiguous share of the chunks into its own shard file (or writes its rows of
+    `embeddings`, already computed by every rank); rank 0 writes the manifest.
     Ranks whose folders are not shared (separate machines without a network folder) exchange their shards so
     that every folder ends up complete (this fallback holds the whole index in memory)."""
     _, rank, size = dist.world()
@@ -275,13 +280,19 @@ def _build(model, retriever_id: str, chunks: np.ndarray, directory: Path, log) -
     paths = [shard_path(directory, retriever_id, r, size) for r in range(size)]
     start, stop = dist.shard_bounds(len(chunks), rank, size)
     tic = time.perf_counter()
-    write_shard(model, chunks[start:stop], paths[rank], progress=dist.is_main())
+    if embeddings is None:
+        write_shard(model, chunks[start:stop], paths[rank], progress=dist.is_main())
+    else:
+        ckpt.atomic_write_with(paths[rank], lambda f: np.save(f, np.array(embeddings[start:stop], dtype=np.float32)))
     dist.barrier()
     elapsed = time.perf_counter() - tic
-    log(
-        f"index: embedded {len(chunks):,} chunks in {elapsed:.1f}s ({len(chunks) / max(elapsed, 1e-9):,.0f} chunks/s"
-        + (f" over {size} processes)" if size > 1 else ")")
-    )
+    if embeddings is not None:
+        log(f"index: {len(chunks):,} chunk embeddings of the retriever's final evaluation written in {elapsed:.1f}s")
+    else:
+        log(
+            f"index: embedded {len(chunks):,} chunks in {elapsed:.1f}s ({len(chunks) / max(elapsed, 1e-9):,.0f} "
+            "chunks/s" + (f" over {size} processes)" if size > 1 else ")")
+        )
     dim = model.args.embedding_dim
     shared = not dist.any_flag(not all(p.is_file() for p in paths))
     if not shared:

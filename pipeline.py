@@ -126,7 +126,7 @@ def get_retriever(args, data, train: bool):
     directory = checkpoint_dir(args)
     if train:
         defaults = _train_defaults(directory, "retriever", args.new_model)
-        model, rid = retriever.train(
+        model, rid, embedded = retriever.train(
             data,
             directory,
             with_defaults(train_overrides(args, args.retriever_iters), defaults),
@@ -140,6 +140,7 @@ def get_retriever(args, data, train: bool):
         )
     else:
         model, rid = load_trained(directory, "retriever", retriever, data, args.retriever_identifier, "retriever")
+        embedded = None
     index = chunk_index.load_or_build(
         model,
         rid,
@@ -147,6 +148,7 @@ def get_retriever(args, data, train: bool):
         directory,
         embedding_identifier=args.embedding_identifier,
         kind=getattr(args, "index", "exact"),
+        embeddings=embedded,
     )
     return model, rid, index
 

@@ -159,10 +159,12 @@ def train(
     log=print,
     local_negatives: bool = False,
     eval_chunks: int = 200_000,
-) -> tuple[Retriever, str | None]:
-    """Train (or resume) the retriever on the dataset's training questions; returns the model and its
-    checkpoint id. Evaluates Recall@1/5/20 and MRR on validation questions against the whole chunk index, or
-    against `eval_chunks` of them (their labelled chunks and a fixed random sample) on a larger corpus.
+) -> tuple[Retriever, str | None, mx.array | None]:
+    """Train (or resume) the retriever on the dataset's training questions; returns the model, its checkpoint id
+    and, when the last evaluation embedded every chunk with the final weights, those embeddings (the index is
+    then written from them instead of embedding the corpus again), else None. Evaluates Recall@1/5/20 and MRR on
+    validation questions against the whole chunk index, or against `eval_chunks` of them (their labelled chunks and
+    a fixed random sample) on a larger corpus.
 
     Under `mlx.launch` each rank trains on its share of every global batch; in-batch negatives span the global
     batch unless `local_negatives`; only rank 0 logs and saves."""
@@ -198,6 +200,7 @@ def train(
     T.restore_optimizer(optimizer, model, found.optimizer_state if found else {})
     start = int(found.metadata.get("step", 0)) if found else 0
     state = {"id": found.id if found else None, "best": (found.metadata.get("best") if found else None)}
+    state["embedded"] = None  # (step, embeddings of every chunk) of the last evaluation
     log(
         f"retriever: {T.count_parameters(model):,} parameters, {len(train_ids):,} training questions, "
         f"{len(data.chunks):,} chunks"
@@ -215,6 +218,7 @@ def train(
             return {}
         tokens = data.chunks if sample is None else data.chunks[sample]
         index = chunk_index.embed_distributed(model, tokens)  # each rank embeds its share
+        state["embedded"] = (step, index) if sample is None else None
         metrics = chunk_index.evaluate(model, data, valid_ids, index, chunk_ids=sample)
         log(f"eval  {step:>6}  " + "  ".join(f"{k} {v:.3f}" for k, v in metrics.items()))
         if visualisation and sample is None:
@@ -242,7 +246,9 @@ def train(
         ckpt_cleanup(directory)
     loss_fn, shard = parallel_loss(local_negatives)
     T.fit(model, optimizer, cfg, loss_fn, batches, start, evaluate, save, "acc", log, compile, shard_batch=shard)
-    return model, dist.broadcast_text(state["id"])  # only rank 0 saved; every rank needs the id
+    embedded = state["embedded"]  # at the last step, the final weights' (every rank evaluates the same steps)
+    final = embedded[1] if embedded is not None and embedded[0] == cfg.num_iters else None
+    return model, dist.broadcast_text(state["id"]), final  # only rank 0 saved; every rank needs the id
 
 
 def parallel_loss(local_negatives: bool = False):

@@ -43,10 +43,10 @@ WORKER = textwrap.dedent("""
     train = dict(batch_size=8, num_iters=4, learning_rate=1e-3, weight_decay=0.01, lr_warmup=2, steps_per_report=2,
                  steps_per_eval=4, keep=3, seed=0)
     quiet = print if dist.is_main() else (lambda m: None)
-    model, rid = R.train(data, ckdir, train, dict(dim=32, num_blocks=1, num_heads=2, embedding_dim=16),
+    model, rid, embedded = R.train(data, ckdir, train, dict(dim=32, num_blocks=1, num_heads=2, embedding_dim=16),
                          new_model=True, eval_questions=16, compile=False, local_negatives=local, log=quiet)
     index_dir = out_dir / f"index-{dist.rank()}" if separate else ckdir
-    index = chunk_index.load_or_build(model, rid, data.chunks, index_dir, log=quiet)
+    index = chunk_index.load_or_build(model, rid, data.chunks, index_dir, log=quiet, embeddings=embedded)
     _, ids = chunk_index.search(chunk_index.embed(model, data.questions[:20]), index, 10)
     if dist.is_main():
         np.save(out_dir / "topk.npy", ids)

@@ -148,3 +148,35 @@ def test_in_training_evaluation_on_a_sample_keeps_every_labelled_chunk(tmp_path)
 
     relevant = [set(data.positives(int(i)).tolist()) for i in valid]
     assert got["recall@5"] == pytest.approx(float(recall_at_k(ids, relevant, ks=(5,))[5]))
+
+
+def test_final_evaluation_embeddings_become_the_index_without_embedding_again(tmp_path):
+    from helpers import build_builtin, quiet
+
+    import retriever as R
+
+    data = build_builtin(tmp_path / "dataset", corpus_size=30, context_size=32)
+    train = dict(batch_size=8, num_iters=4, lr_warmup=1, steps_per_report=2, steps_per_eval=3, seed=0)
+    arch = dict(dim=32, num_blocks=1, num_heads=2, embedding_dim=16)
+    ckdir = tmp_path / "checkpoints"
+    model, rid, embedded = R.train(data, ckdir, train, arch, new_model=True, eval_questions=8, compile=False, log=quiet)
+    assert embedded is not None  # evaluated at step 3 and at the last step, 4: the final weights' embeddings
+    np.testing.assert_array_equal(embedded, chunk_index.embed(model, data.chunks))
+
+    class NoEmbedding:
+        args = model.args
+
+        def embed_rows(self, tokens):
+            raise AssertionError("the index must be written from the given embeddings")
+
+    logs = []
+    index = chunk_index.load_or_build(NoEmbedding(), rid, data.chunks, ckdir, log=logs.append, embeddings=embedded)
+    assert "final evaluation" in logs[-1]
+    np.testing.assert_array_equal(np.asarray(index.to_array()), np.array(embedded))
+    # resumed at its last step: no evaluation, nothing handed over
+    _, same_rid, none = R.train(data, ckdir, train, {}, eval_questions=8, compile=False, log=quiet)
+    assert same_rid == rid and none is None
+    # embeddings of another length are ignored: the index is embedded as before
+    other = tmp_path / "other"
+    index = chunk_index.load_or_build(model, rid, data.chunks, other, log=quiet, embeddings=embedded[:-1])
+    np.testing.assert_array_equal(np.asarray(index.to_array()), np.array(embedded))
