@@ -285,7 +285,11 @@ def build_gemv_forward(env: Mapping[str, str] = os.environ, cache_dir: Path | No
 def needs_forwarder(prefix: str, env: Mapping[str, str]) -> bool:
     """Whether gemv_forward.c goes in front of a BLAS whose names carry `prefix`: to route matrix-vector products
     to sgemv (unless RAGMLX_GEMV_FORWARD=0), and always for a prefixed BLAS, which MLX reaches only through it."""
-    return bool(prefix) or env.get("RAGMLX_GEMV_FORWARD", "") != "0"
+    return bool(prefix) or _routes_gemv(env)
+
+
+def _routes_gemv(env: Mapping[str, str]) -> bool:
+    return env.get("RAGMLX_GEMV_FORWARD", "") != "0"
 
 
 def load_blas_in_process(blas: str, forward: str | None = None, env: Mapping[str, str] = os.environ) -> None:
@@ -296,12 +300,11 @@ def load_blas_in_process(blas: str, forward: str | None = None, env: Mapping[str
     if prefix and not forward:
         raise ValueError(f"{blas}: its names start with {prefix!r}, so MLX can only reach it through gemv_forward.c")
     if forward and needs_forwarder(prefix, env):
-        gemv = env.get("RAGMLX_GEMV_FORWARD", "") != "0"
         forwarder = ctypes.CDLL(forward, mode=ctypes.RTLD_GLOBAL)
         library = ctypes.CDLL(blas, mode=ctypes.RTLD_GLOBAL)
         to = forwarder[_GEMV_FORWARD_MARK]
         to.argtypes, to.restype = [ctypes.c_void_p, ctypes.c_void_p], None
-        sgemv = ctypes.cast(library[f"{prefix}cblas_sgemv"], ctypes.c_void_p) if gemv else None
+        sgemv = ctypes.cast(library[f"{prefix}cblas_sgemv"], ctypes.c_void_p) if _routes_gemv(env) else None
         to(ctypes.cast(library[f"{prefix}cblas_sgemm"], ctypes.c_void_p), sgemv)
     else:
         ctypes.CDLL(blas, mode=ctypes.RTLD_GLOBAL)

@@ -91,7 +91,6 @@ class Generator(nn.Module):
         B, P, L = passages.shape
         flat = passages.reshape(B * P, L)
         valid = flat != PAD_ID
-        packing = None if packing is None else Packing(*packing)
         h = self.encoder(self.embed(flat), padding_mask(valid), packing)
         return Memory(h.reshape(B, P * L, -1), padding_mask(valid.reshape(B, P * L)), passages.reshape(B, P * L))
 

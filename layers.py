@@ -237,9 +237,11 @@ class Encoder(nn.Module):
         self.norm = nn.RMSNorm(dim)
         self.checkpoint = checkpoint
 
-    def __call__(self, x: mx.array, mask=None, packing: Packing | None = None) -> mx.array:
+    def __call__(self, x: mx.array, mask=None, packing: Packing | tuple | None = None) -> mx.array:
+        """`packing` may come as a plain (idx, inv) tuple: `mx.compile` hands pytrees through as tuples."""
         shape = x.shape
         if packing is not None:
+            packing = Packing(*packing)
             x = pack(x.reshape(-1, shape[-1]), *packing)
         for block in self.blocks:
             x = nn.utils.checkpoint(block)(x, mask, packing) if self.checkpoint else block(x, mask, packing)

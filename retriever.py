@@ -12,7 +12,7 @@ import numpy as np
 
 from datasets import PAD_ID, Dataset
 from training import UsageError
-from layers import Encoder, Packing, check_dims, init_embedding, padding_mask, plan_packing, to_device
+from layers import Encoder, check_dims, init_embedding, padding_mask, plan_packing, to_device
 import cores
 import distributed as dist
 
@@ -60,7 +60,7 @@ class Retriever(nn.Module):
 
     def _embed(self, tokens: mx.array, packing=None) -> mx.array:
         valid = tokens != PAD_ID
-        h = self.encoder(self.embed(tokens), padding_mask(valid), None if packing is None else Packing(*packing))
+        h = self.encoder(self.embed(tokens), padding_mask(valid), packing)
         w = valid.astype(h.dtype)[..., None]
         pooled = (h * w).sum(axis=1) / mx.maximum(w.sum(axis=1), 1.0)
         e = self.proj(pooled)
@@ -199,8 +199,11 @@ def train(
     optimizer = T.make_optimizer(cfg)
     T.restore_optimizer(optimizer, model, found.optimizer_state if found else {})
     start = int(found.metadata.get("step", 0)) if found else 0
-    state = {"id": found.id if found else None, "best": (found.metadata.get("best") if found else None)}
-    state["embedded"] = None  # (step, embeddings of every chunk) of the last evaluation
+    state = {
+        "id": found.id if found else None,
+        "best": found.metadata.get("best") if found else None,
+        "embedded": None,  # (step, embeddings of every chunk) of the last evaluation
+    }
     log(
         f"retriever: {T.count_parameters(model):,} parameters, {len(train_ids):,} training questions, "
         f"{len(data.chunks):,} chunks"

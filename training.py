@@ -173,7 +173,7 @@ def fit(
     --batch_size means the same with 1 or N processes. `evaluate` runs on every rank (it may use collectives
     and must log on rank 0 only); only rank 0 logs, saves and reports losses averaged over ranks; a Ctrl+C on
     any rank stops all of them after the same step. `prepare(batch)` then adds what is made from the local batch
-    on the host (arrays, or lists and tuples of them: the encoders' packing plans) before it reaches the step."""
+    on the host (arrays, or lists and tuples of them: the generator's packing plans) before it reaches the step."""
     _, rank, size = dist.world()
     main = rank == 0
     if size > 1:
@@ -188,9 +188,11 @@ def fit(
         mx.eval(model.parameters())
         log = log if main else (lambda _msg: None)
     shard_batch = shard_batch or _shard_rows
-    local_batch = make_batch if size == 1 else (lambda step: shard_batch(make_batch(step), rank, size))
-    if prepare is not None:  # host-side work on this process's batch (packing plans), on the prefetch thread
-        local_batch = (lambda make: lambda step: prepare(make(step)))(local_batch)
+
+    def local_batch(step: int) -> tuple:  # runs on the prefetch thread
+        batch = make_batch(step) if size == 1 else shard_batch(make_batch(step), rank, size)
+        return batch if prepare is None else prepare(batch)
+
     step_fn = build_step(model, optimizer, loss_fn, cfg.grad_clip, compile=compile)
     metrics: dict = {}
     if start_step >= cfg.num_iters:

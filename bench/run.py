@@ -437,9 +437,8 @@ def fig_embed(worker: Worker, cfg: dict, workdir: Path) -> dict:
     """Figure 4: chunk-embedding throughput of index.embed (retriever dim 256) vs the same model in torch."""
     import mlx.core as mx
 
-    import index
-
     import cores
+    import index
 
     model, _ = mlx_model("retriever", SIZES["small"])
     n = cfg["embed_chunks"]
@@ -459,8 +458,9 @@ def fig_embed(worker: Worker, cfg: dict, workdir: Path) -> dict:
     real = float((chunks != 0).mean())
     return row(f"embed {n} chunks of {CONTEXT} tokens, dim 256, chunks/s", n / t["mlx"]["s"], n / t["torch"]["s"],
                "chunks/s", "index.embed (packed)", "torch eager, inference_mode",
-               ratio_best=best_ratio(t, "mlx", "torch"), real_token_fraction=real, padded_chunks_per_s=n / t["mlx_padded"]["s"],
-               padded_ratio=t["torch"]["s"] / t["mlx_padded"]["s"], timings=t)
+               ratio_best=best_ratio(t, "mlx", "torch"), real_token_fraction=real,
+               padded_chunks_per_s=n / t["mlx_padded"]["s"], padded_ratio=t["torch"]["s"] / t["mlx_padded"]["s"],
+               timings=t)
 
 
 # Runs argv as its child and prints the child's own peak RSS. A process's peak RSS starts at its parent's RSS at the
