@@ -68,6 +68,13 @@ def all_sum(x: mx.array) -> mx.array:
     return out
 
 
+def all_sum_in_graph(x: mx.array) -> mx.array:
+    """Sum over ranks as a node of the graph being built (identity when alone), for a training step's loss:
+    inside a compiled or differentiated function `all_sum` could not evaluate. Its place in the step's graph is
+    the same on every rank, before the gradient averaging that depends on it."""
+    return x if size() == 1 else mx.distributed.all_sum(x)
+
+
 def all_gather_rows(x: mx.array) -> mx.array:
     """Concatenate every rank's rows in rank order (identity when alone). Rows may differ in number per rank
     (the ring all_gather needs equal shapes, so shorter shards are padded and the padding is dropped)."""

@@ -242,12 +242,15 @@ def with_packings(batch: tuple, spreading: bool) -> tuple:
 
 
 def seq2seq_loss(model: Generator, passages, answer_in, answer_out, packings: list | None = None):
-    """Teacher-forced negative log-likelihood per answer token (PAD targets masked out) and token accuracy;
-    the questions are spread over the CPU's cores (see cores.py), the sums over tokens taken at the end.
+    """Teacher-forced negative log-likelihood per answer token of the batch (PAD targets masked out) and token
+    accuracy; the questions are spread over the CPU's cores (see cores.py), the sums over tokens taken at the end.
     `packings`: one per row slice, from `with_packings`."""
     sums = cores.map_rows(partial(_token_sums, model), passages, answer_in, answer_out, cores.PerPart(packings))
     nll, correct, ntok = (x.sum() for x in sums)
-    denominator = mx.maximum(ntok, 1)
+    # Under mlx.launch each rank holds a share of the batch's answer tokens, shares of different sizes: divide by
+    # the whole batch's count, times the number of ranks the gradient averaging divides by, so that every token
+    # weighs what it does in one process with the whole batch (a mean per rank would not).
+    denominator = mx.maximum(dist.all_sum_in_graph(ntok), 1) / dist.size()
     return nll / denominator, (correct / denominator, ntok)
 
 

@@ -22,7 +22,9 @@ import index as chunk_index  # noqa: E402
 import retriever as R  # noqa: E402
 
 # Trains the tiny retriever a few steps through retriever.train (sharded batches, gathered negatives,
-# distributed evaluation, rank-0 checkpoint), then builds the chunk index and writes the top-10 of 20 questions.
+# distributed evaluation, rank-0 checkpoint), then builds the chunk index and writes the top-10 of 20 questions;
+# then trains the tiny generator a few steps on every question's top-2 (sharded batches, each rank packing its
+# own rows, summed gradients, rank-0 checkpoint).
 WORKER = textwrap.dedent("""
     import json, sys
     from pathlib import Path
@@ -48,9 +50,15 @@ WORKER = textwrap.dedent("""
     index_dir = out_dir / f"index-{dist.rank()}" if separate else ckdir
     index = chunk_index.load_or_build(model, rid, data.chunks, index_dir, log=quiet, embeddings=embedded)
     _, ids = chunk_index.search(chunk_index.embed(model, data.questions[:20]), index, 10)
+    import generator as G
+
+    _, retrieved = chunk_index.search(chunk_index.embed(model, data.questions), index, 2)
+    _, gid = G.train(data, ckdir, retrieved, dict(train, batch_size=6),
+                     dict(dim=32, num_blocks=1, num_decoder_blocks=1, num_heads=2), rid, new_model=True,
+                     eval_questions=6, log=quiet)  # compiled step
     if dist.is_main():
         np.save(out_dir / "topk.npy", ids)
-        (out_dir / "result.json").write_text(json.dumps({"rid": rid, "size": dist.size(),
+        (out_dir / "result.json").write_text(json.dumps({"rid": rid, "gid": gid, "size": dist.size(),
                                                          "index": type(index).__name__}))
 """)
 
@@ -94,8 +102,8 @@ def _run(tmp_path: Path, data_dir: Path, out: Path, ranks: int, local: bool = Fa
     return result
 
 
-def _weights(out: Path, rid: str) -> dict[str, np.ndarray]:
-    return {k: np.array(v) for k, v in mx.load(str(out / "checkpoints" / f"{rid}.retriever.safetensors")).items()}
+def _weights(out: Path, rid: str, kind: str = "retriever") -> dict[str, np.ndarray]:
+    return {k: np.array(v) for k, v in mx.load(str(out / "checkpoints" / f"{rid}.{kind}.safetensors")).items()}
 
 
 @pytest.fixture(scope="module")
@@ -120,7 +128,19 @@ def test_two_ranks_train_the_same_parameters_as_one_process(runs):
     assert a.keys() == b.keys()
     for k in a:
         np.testing.assert_allclose(b[k], a[k], atol=1e-5, rtol=0, err_msg=k)
-    assert "step      4/4" in two["stdout"] and two["stdout"].count("step      4/4") == 1, "rank 0 logs alone"
+    assert two["stdout"].count("step      4/4") == 2, "rank 0 logs alone (the retriever's step 4, the generator's)"
+
+
+def test_two_ranks_train_the_same_generator_as_one_process(runs):
+    """Each rank packs its own share of the batch (plans made after sharding) and the gradients are summed over
+    the ranks' tokens: the weights after 4 steps are the one-process weights up to float rounding."""
+    one, two = runs["one"], runs["two"]
+    a = _weights(runs["tmp"] / "one", one["gid"], "generator")
+    b = _weights(runs["tmp"] / "two", two["gid"], "generator")
+    assert a.keys() == b.keys()
+    for k in a:
+        np.testing.assert_allclose(b[k], a[k], atol=1e-5, rtol=0, err_msg=k)
+    assert two["stdout"].count("saved generator") == 1, "rank 0 saves alone"
 
 
 def test_local_negatives_is_a_different_loss(runs):
