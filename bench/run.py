@@ -92,9 +92,12 @@ def train_flops(kind: str, dim: int, num_blocks: int, num_heads: int) -> float:
         return 3.0 * (encoder(BATCH, QLEN) + encoder(2 * BATCH, CONTEXT) + 2 * 3 * BATCH * dim * 128)
     Lp, T = QLEN + 1 + CONTEXT, ANSWER_LEN
     S = K_PASSAGES * Lp
-    # Decoder block: self-attn 8TD^2, cross q/out 4TD^2 + kv on the memory 4SD^2, MLP 16TD^2, attention scores.
-    per_block = 28 * T * dim * dim + 4 * S * dim * dim + 4 * T * T * dim + 4 * T * S * dim
-    pointer = 2 * T * dim * dim + 2 * S * dim * dim + 2 * T * S * dim
+    # Decoder block: self-attn 8TD^2 and its scores 4T^2D, MLP 16TD^2; the cross-attention as both sides compute it,
+    # with the memory's key/value projections folded in (layers.CrossAttention): q/out 4TD^2, the fold into the
+    # queries and out of the read memory 4TD^2, scores and reads over the memory for each head 4HTSD. The pointer:
+    # q 2TD^2, its key projection folded in 2TD^2, scores 2TSD.
+    per_block = 32 * T * dim * dim + 4 * T * T * dim + 4 * num_heads * T * S * dim
+    pointer = 4 * T * dim * dim + 2 * T * S * dim
     fwd = encoder(BATCH * K_PASSAGES, Lp) + BATCH * (num_blocks * per_block + 2 * T * dim * VOCAB + pointer)
     return 3.0 * fwd
 

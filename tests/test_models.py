@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import mlx.core as mx
+from mlx.utils import tree_flatten
 import numpy as np
 import pytest
 
@@ -129,6 +130,48 @@ def test_decoder_is_causal_and_pad_targets_are_ignored():
     l2, (_, n2) = G.seq2seq_loss(model, p, mx.array(longer_in), mx.array(longer_out))
     assert n1.item() == n2.item() == 6
     assert abs(l1.item() - l2.item()) < 1e-5
+
+
+def test_folded_cross_attention_and_pointer_are_the_projected_ones():
+    """Without a cache, the cross-attention folds the memory's key/value projections into its queries and outputs
+    (and the pointer its key projection): same outputs and gradients as projecting the memory (the cached path)."""
+    import mlx.nn as nn
+    from layers import CrossAttention, padding_mask
+
+    rng = np.random.default_rng(11)
+    mx.random.seed(11)
+    att = CrossAttention(32, 4)
+    x = mx.array(rng.standard_normal((3, 5, 32)).astype(np.float32))
+    memory = mx.array(rng.standard_normal((3, 11, 32)).astype(np.float32))
+    valid = rng.random((3, 11)) < 0.7
+    valid[:, 0] = True
+    mask = padding_mask(mx.array(valid))
+    weights = mx.array(rng.standard_normal((3, 5, 32)).astype(np.float32))
+
+    def loss(model, x, memory, cached):
+        return (model(x, memory, mask, {} if cached else None) * weights).sum()
+
+    grads = {}
+    for cached in (False, True):
+        out = loss(att, x, memory, cached)
+        g_params = nn.value_and_grad(att, loss)(att, x, memory, cached)[1]
+        g_inputs = mx.grad(lambda x, m, c=cached: loss(att, x, m, c), argnums=(0, 1))(x, memory)
+        grads[cached] = (out, tree_flatten(g_params), g_inputs)
+    (a, pa, ia), (b, pb, ib) = grads[False], grads[True]
+    np.testing.assert_allclose(np.array(a), np.array(b), rtol=1e-5)
+    for (name, ga), (_, gb) in zip(pa, pb):
+        np.testing.assert_allclose(np.array(ga), np.array(gb), atol=1e-4, err_msg=name)
+    for ga, gb in zip(ia, ib):
+        np.testing.assert_allclose(np.array(ga), np.array(gb), atol=1e-4)
+    assert np.abs(np.array(ib[1])[~valid]).max() < 1e-30  # masked memory positions: no gradient (e^-87 ~ 0)
+
+    model = tiny_generator(V)
+    memory = model.encode(mx.array(passages(seed=12)))
+    h = mx.random.normal((2, 3, model.args.dim))
+    attn, _ = model.pointer(h, memory)
+    keys = model.pointer.k_proj(memory.states)
+    scores = (model.pointer.q_proj(h) * model.pointer.scale) @ keys.swapaxes(1, 2) + memory.mask[:, 0]
+    np.testing.assert_allclose(np.array(attn), np.array(mx.softmax(scores, axis=-1)), atol=1e-6)
 
 
 def test_self_attention_cache_grows_and_keeps_every_position():
