@@ -58,11 +58,17 @@ class Pointer(nn.Module):
         self.gate = nn.Linear(dim, 1)
         self.scale = dim**-0.5
 
-    def __call__(self, h: mx.array, memory: Memory) -> tuple[mx.array, mx.array]:
-        # The key projection folded into the query, as in layers.CrossAttention: q (M Wk^T)^T = (q Wk) M^T.
-        q = (self.q_proj(h) * self.scale) @ self.k_proj.weight
-        scores = q @ memory.states.swapaxes(1, 2) + memory.mask[:, 0]
-        return cpu_kernels.softmax(scores), mx.sigmoid(self.gate(h))
+    def __call__(self, h: mx.array, memory: Memory, cache: dict | None = None) -> tuple[mx.array, mx.array]:
+        """Without a cache the key projection is folded into the query, as in layers.CrossAttention:
+        q (M Wk^T)^T = (q Wk) M^T; decoding (a cache) projects the memory's keys once per question."""
+        q = self.q_proj(h) * self.scale
+        if cache is None:
+            scores = (q @ self.k_proj.weight) @ memory.states.swapaxes(1, 2)
+        else:
+            if "k" not in cache:
+                cache["k"] = self.k_proj(memory.states)
+            scores = q @ cache["k"].swapaxes(1, 2)
+        return cpu_kernels.softmax(scores + memory.mask[:, 0]), mx.sigmoid(self.gate(h))
 
 
 class Generator(nn.Module):
@@ -120,7 +126,7 @@ class Generator(nn.Module):
         if not self.args.copy:
             logp = logits - cpu_kernels.logsumexp(logits)
             return logp if log else mx.exp(logp)
-        attn, gate = self.pointer(h, memory)
+        attn, gate = self.pointer(h, memory, None if cache is None else cache[-1])
         B, T, S = attn.shape
         # Scatter the copy attention onto the vocabulary ids of the memory tokens: [B, T, V].
         b = mx.broadcast_to(mx.arange(B)[:, None, None], (B, T, S))
@@ -134,7 +140,7 @@ class Generator(nn.Module):
         return self.decode(answer_in, self.encode(passages))
 
     def make_cache(self) -> list[dict]:
-        return [{} for _ in self.blocks]
+        return [{} for _ in range(len(self.blocks) + 1)]
 
     def generate(
         self,
