@@ -175,7 +175,7 @@ class CrossAttention(nn.Module):
         self.kv_proj = nn.Linear(dim, 2 * dim, bias=False)
         self.out_proj = nn.Linear(dim, dim, bias=False)
 
-    def __call__(self, x: mx.array, memory: mx.array, mask: mx.array | None = None, cache: dict | None = None):
+    def __call__(self, x: mx.array, memory: mx.array, mask=None, cache: dict | None = None) -> mx.array:
         """x [B, L, D] attends to memory [B, S, D]; `mask`: the memory's additive padding mask [B, 1, 1, S]."""
         if cache is not None:
             return self._cached(x, memory, mask, cache)
