@@ -1,7 +1,8 @@
 """Transformer building blocks shared by the retriever and the generator.
 
-Pre-norm blocks with fused projections (one QKV matmul, one KV matmul for cross-attention) and
-attention over all heads at once (`cpu_kernels.attention`), so the CPU sees few, large GEMMs.
+Pre-norm blocks with fused projections (one QKV matmul; cross-attention folds its memory's KV projection into the
+queries and outputs when training, see `CrossAttention`) and attention over all heads at once
+(`cpu_kernels.attention`), so the CPU sees few, large GEMMs.
 
 An encoder can also run *packed*: every position-wise layer (norms, projections, MLP: ~90% of its FLOPs) over the
 batch's real tokens alone, and only attention over the padded [rows, L] layout (see `Packing`).

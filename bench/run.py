@@ -82,8 +82,9 @@ def batch_tokens(kind: str) -> int:
 
 
 def train_flops(kind: str, dim: int, num_blocks: int, num_heads: int) -> float:
-    """Matmul FLOPs of one training step (3 x forward): 6 x weights per token, plus attention, the tied output
-    projection and the copy pointer."""
+    """Matmul FLOPs of one training step (3 x forward) as both frameworks compute it: 6 x weights per token for the
+    position-wise layers, plus attention, the cross-attention and copy pointer with the memory's projections folded
+    in (no product per memory position with their weights), and the tied output projection."""
 
     def encoder(n_seqs, L):
         return n_seqs * num_blocks * (24 * L * dim * dim + 4 * L * L * dim)
