@@ -186,6 +186,18 @@ def mlx_model(kind: str, size: dict):
     return model, loss
 
 
+def packed_batch(kind: str, batch_np: dict) -> list:
+    """The batch as main.py's training step gets it: with the packing plans its `prepare` adds (the encoders'
+    position-wise layers then skip the padding), as `mx` arrays."""
+    import cores
+    import generator as G
+    import retriever as R
+    import training as T
+
+    with_packings = R.with_packings if kind == "retriever" else G.with_packings
+    return list(T.batch_to_mx(with_packings(tuple(batch_np.values()), cores.spreads())))
+
+
 def save_weights(model, path: Path) -> str:
     import mlx.core as mx
     from mlx.utils import tree_flatten
@@ -242,23 +254,27 @@ def fig_train(worker: Worker, kind: str, size_name: str, cfg: dict, workdir: Pat
         raise AssertionError(f"{kind}: torch loss {setup['initial_loss']:.6f} != MLX loss {initial_loss:.6f} "
                              f"with the same weights: bench/torch_models.py no longer matches the MLX model")
 
-    # main.py's CPU step: each batch's rows spread over the cores (cores.py), mx.compile'd. Also timed: the same
-    # step uncompiled, and uncompiled on one stream (before cores.py), on one model.
+    # main.py's CPU step: each batch's rows spread over the cores (cores.py), the encoders packed (the padding
+    # skipped), mx.compile'd. Also timed, padded as torch computes it: the same step, the step uncompiled, and
+    # uncompiled on one stream (before cores.py), on one model.
     import cores
 
     optimizer = optim.AdamW(learning_rate=1e-3, weight_decay=0.01)
     steps = {c: T.build_step(model, optimizer, loss_fn, grad_clip=1.0, compile=c) for c in (True, False)}
+    packed = packed_batch(kind, batch_np)
 
-    def run(compiled: bool = False, spread: bool = True) -> None:
+    def run(compiled: bool = False, spread: bool = True, pack: bool = False) -> None:
         with cores.spread() if spread else contextlib.nullcontext():
-            loss, aux = steps[compiled](*batch)
+            loss, aux = steps[compiled](*(packed if pack else batch))
             mx.eval(loss, aux, model.state, optimizer.state)
 
-    warm = seconds(run, cfg["warmup"])
+    warm = seconds(partial(run, True, True, True), cfg["warmup"])
     run(True)
+    run(False)
     run(False, False)
-    candidates = {"mlx": lambda: seconds(run, cfg["steps"]),
+    candidates = {"mlx_packed": lambda: seconds(partial(run, True, True, True), cfg["steps"]),
                   "mlx_compiled": lambda: seconds(partial(run, True), cfg["steps"]),
+                  "mlx": lambda: seconds(run, cfg["steps"]),
                   "mlx_one_stream": lambda: seconds(partial(run, False, False), cfg["steps"]),
                   "eager": lambda: worker("time", name="eager", steps=cfg["steps"])["s"]}
     if "compiled" in setup["ready"]:
@@ -271,33 +287,47 @@ def fig_train(worker: Worker, kind: str, size_name: str, cfg: dict, workdir: Pat
 
     tokens, flops = batch_tokens(kind), train_flops(kind, **size)
     label = f"{kind} train {size['dim']}d tok/s"
-    # Ours is the step as main.py runs it on the CPU: rows over the cores, mx.compile'd (g++ is here).
-    ours, ours_name = tokens / t["mlx_compiled"]["s"], f"MLX, {cores.count()} streams, mx.compile"
+    # Ours is the step as main.py runs it on the CPU: rows over the cores, packed, mx.compile'd (g++ is here). Tokens
+    # count every position of the batch, padding included, for both (torch computes them all; we skip the padding).
+    streams = f"MLX, {cores.count()} streams"
+    ours, ours_name = tokens / t["mlx_packed"]["s"], f"{streams}, packed, mx.compile"
+    padded, padded_name = tokens / t["mlx_compiled"]["s"], f"{streams}, padded, mx.compile"
     common = dict(params=params, tokens_per_step=tokens, flops_per_step=flops, initial_loss_mlx=initial_loss,
                   initial_loss_torch=setup["initial_loss"], timings=t, mlx_warmup_s=warm,
-                  torch_warmup_s=setup["warmup_s"], streams=cores.count())
+                  torch_warmup_s=setup["warmup_s"], streams=cores.count(),
+                  real_token_fraction=real_token_fraction(batch_np))
     rows = [row(label, ours, tokens / t["eager"]["s"], "tok/s", ours_name, "torch eager",
-                ratio_best=best_ratio(t, "mlx_compiled", "eager"), **common)]
+                ratio_best=best_ratio(t, "mlx_packed", "eager"), **common)]
     if "compiled" in t:
         rows.append(row(label, ours, tokens / t["compiled"]["s"], "tok/s", ours_name, "torch.compile",
-                        ratio_best=best_ratio(t, "mlx_compiled", "compiled")))
+                        ratio_best=best_ratio(t, "mlx_packed", "compiled")))
+        rows.append(row(f"{label}, both padded", padded, tokens / t["compiled"]["s"], "tok/s", padded_name,
+                        "torch.compile", ratio_best=best_ratio(t, "mlx_compiled", "compiled")))
     else:
         why = setup.get("compile_error", "disabled by --no_torch_compile")
         rows.append(row(label, ours, None, "tok/s", ours_name, f"torch.compile skipped: {why[:80]}"))
-    uncompiled = f"MLX, {cores.count()} streams"
-    rows.append(row(f"{kind} train {size['dim']}d tok/s, mx.compile vs not", ours, tokens / t["mlx"]["s"], "tok/s",
-                    ours_name, uncompiled, ratio_best=best_ratio(t, "mlx_compiled", "mlx")))
-    rows.append(row(f"{kind} train {size['dim']}d tok/s, streams vs one", tokens / t["mlx"]["s"],
-                    tokens / t["mlx_one_stream"]["s"], "tok/s", uncompiled, "MLX, one stream",
+    rows.append(row(f"{label}, packed vs padded", ours, padded, "tok/s", ours_name, padded_name,
+                    ratio_best=best_ratio(t, "mlx_packed", "mlx_compiled")))
+    rows.append(row(f"{label}, mx.compile vs not (padded)", padded, tokens / t["mlx"]["s"], "tok/s",
+                    padded_name, streams, ratio_best=best_ratio(t, "mlx_compiled", "mlx")))
+    rows.append(row(f"{label}, streams vs one (padded)", tokens / t["mlx"]["s"],
+                    tokens / t["mlx_one_stream"]["s"], "tok/s", streams, "MLX, one stream",
                     ratio_best=best_ratio(t, "mlx", "mlx_one_stream")))
     # One peak for both: the faster of the two GEMMs is what this machine can do.
     best_ref, peak = ("compiled" if "compiled" in t else "eager"), max(peaks.values())
+    # FLOPs of the padded batch over the padded step's time, for both: the share of the peak each turns into work.
     rows.append(row(f"{kind} train {size['dim']}d % of the machine's GEMM peak",
                     100 * flops / t["mlx_compiled"]["s"] / 1e9 / peak, 100 * flops / t[best_ref]["s"] / 1e9 / peak,
-                    "%", ours_name, f"torch {best_ref}", gemm_gflops=peaks))
+                    "%", padded_name, f"torch {best_ref}", gemm_gflops=peaks))
     if profile:
         rows[0]["profile"] = profile
     return rows
+
+
+def real_token_fraction(batch_np: dict) -> float:
+    """The share of the batch's encoder positions that are not padding (what a packed step computes)."""
+    rows = [v for k, v in batch_np.items() if k in ("questions", "chunks", "passages")]
+    return sum(int((r != 0).sum()) for r in rows) / sum(r.size for r in rows)
 
 
 def profile_step(kind: str, model, loss_fn, batch, cfg: dict) -> dict:

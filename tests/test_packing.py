@@ -13,6 +13,7 @@ from helpers import tiny_generator, tiny_retriever
 import cores  # noqa: E402
 import generator as G  # noqa: E402
 import layers  # noqa: E402
+import retriever as R  # noqa: E402
 import training as T  # noqa: E402
 from datasets import BOS_ID, EOS_ID, PAD_ID  # noqa: E402
 
@@ -120,21 +121,54 @@ def test_packed_generator_loss_and_gradients_equal_the_padded_ones(streams, n_st
     assert_same(loss_and_grads(gen, G.seq2seq_loss, packed), loss_and_grads(gen, G.seq2seq_loss, batch))
 
 
-def test_compiled_packed_steps_follow_the_padded_ones(streams):
-    """Through `mx.compile` (a new trace per packed length) the losses and weights stay those of padded steps."""
+def contrastive_batch(rng, full_questions: bool = False):
+    questions = ragged(rng, 6, 9) if not full_questions else rng.integers(4, V, size=(6, 9)).astype(np.int32)
+    mask = np.eye(6, 10, dtype=bool)
+    mask[2, 7] = True  # another chunk that holds question 2's answer
+    return questions, ragged(rng, 10, 16), mask
+
+
+@pytest.mark.parametrize("n_streams", [1, 2])
+def test_packed_retriever_loss_and_gradients_equal_the_padded_ones(streams, n_streams):
+    streams(n_streams)
+    rng = np.random.default_rng(5)
+    mx.random.seed(5)
+    retr = tiny_retriever(V)
+    batch = contrastive_batch(rng)
+    packed = R.with_packings(batch, cores.spreads())
+    assert len(packed) == 6 and len(packed[4]) == len(packed[5]) == n_streams
+    np.testing.assert_array_equal(packed[3], np.arange(6))  # the default target made explicit
+    assert_same(loss_and_grads(retr, R.contrastive_loss, packed), loss_and_grads(retr, R.contrastive_loss, batch))
+    # rows without padding get no plan, and the loss takes them as they are
+    full = contrastive_batch(rng, full_questions=True)
+    packed = R.with_packings((*full, np.arange(6)[::-1].copy()), cores.spreads())
+    assert packed[4] == [] and len(packed[5]) == n_streams
+    np.testing.assert_array_equal(packed[3], np.arange(6)[::-1])  # a given target (sharded batches) is kept
+    assert_same(loss_and_grads(retr, R.contrastive_loss, packed), loss_and_grads(retr, R.contrastive_loss, packed[:4]))
+
+
+@pytest.mark.parametrize("kind", ["generator", "retriever"])
+def test_compiled_packed_steps_follow_the_padded_ones(streams, kind):
+    """Through `mx.compile` (a new trace per packed length, and per plan present or not) the losses and weights
+    stay those of padded steps."""
     streams(2)
     rng = np.random.default_rng(3)
-    batches = [fid_batch(rng) for _ in range(4)]
+    if kind == "generator":
+        batches = [fid_batch(rng) for _ in range(4)]
+        make, loss_fn, with_packings = tiny_generator, G.seq2seq_loss, G.with_packings
+    else:
+        batches = [contrastive_batch(rng, full_questions=i == 2) for i in range(4)]
+        make, loss_fn, with_packings = tiny_retriever, R.contrastive_loss, R.with_packings
     runs = []
     for pack in (False, True):
         mx.random.seed(0)
-        model = tiny_generator(V)
+        model = make(V)
         cfg = T.TrainConfig(batch_size=5, num_iters=4, lr_warmup=0)
         optimizer = T.make_optimizer(cfg)
-        step = T.build_step(model, optimizer, G.seq2seq_loss, cfg.grad_clip, compile=True)
+        step = T.build_step(model, optimizer, loss_fn, cfg.grad_clip, compile=True)
         losses = []
         for batch in batches:
-            batch = G.with_packings(batch, cores.spreads()) if pack else batch
+            batch = with_packings(batch, cores.spreads()) if pack else batch
             with cores.spread():
                 loss, _ = step(*T.batch_to_mx(batch))
                 mx.eval(loss, model.state, optimizer.state)
