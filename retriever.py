@@ -270,8 +270,7 @@ def train(
         ckpt_cleanup(directory)
     loss_fn, shard = parallel_loss(local_negatives)
     prepare = partial(with_packings, spreading=cores.spreads())  # decided here: `prepare` runs on another thread
-    fit_args = (model, optimizer, cfg, loss_fn, batches, start, evaluate, save, "acc", log, compile)
-    T.fit(*fit_args, shard_batch=shard, prepare=prepare)
+    T.fit(model, optimizer, cfg, loss_fn, batches, start, evaluate, save, "acc", log, compile, shard, prepare)
     embedded = state["embedded"]  # at the last step, the final weights' (every rank evaluates the same steps)
     final = embedded[1] if embedded is not None and embedded[0] == cfg.num_iters else None
     return model, dist.broadcast_text(state["id"]), final  # only rank 0 saved; every rank needs the id
