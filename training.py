@@ -173,7 +173,7 @@ def fit(
     --batch_size means the same with 1 or N processes. `evaluate` runs on every rank (it may use collectives
     and must log on rank 0 only); only rank 0 logs, saves and reports losses averaged over ranks; a Ctrl+C on
     any rank stops all of them after the same step. `prepare(batch)` then adds what is made from the local batch
-    on the host (arrays, or lists and tuples of them: the generator's packing plans) before it reaches the step."""
+    on the host (arrays, or lists and tuples of them: the encoders' packing plans) before it reaches the step."""
     _, rank, size = dist.world()
     main = rank == 0
     if size > 1:

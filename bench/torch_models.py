@@ -3,7 +3,7 @@
 Same architecture as layers.py / retriever.py / generator.py: pre-norm RMSNorm blocks, fused QKV (and fused KV for
 cross-attention), non-traditional RoPE, squared-ReLU MLP 4x, masked mean pooling, tied output embedding and the
 pointer-generator copy head. Parameter names match MLX's `tree_flatten` names, so `load_flat` copies MLX weights in
-and bench/run.py checks that both frameworks give the same loss: if the MLX models change, that check fails.
+and `figures.fig_train` checks that both frameworks give the same loss: if the MLX models change, that check fails.
 """
 
 from __future__ import annotations

@@ -2,7 +2,7 @@
 
 bench/run.py starts this once with the user's own environment (no BLAS preload), sends one command per line
 ("setup_train", "time", ...) and reads one JSON reply per line; arrays arrive as safetensors files. Timing code
-and sizes are run.py's, so both sides measure alike.
+and sizes are bench/workload.py's, so both sides measure alike.
 """
 
 from __future__ import annotations
@@ -10,7 +10,7 @@ from __future__ import annotations
 import json
 import sys
 
-from run import VOCAB, embed_chunks, seconds
+from workload import VOCAB, embed_chunks, seconds
 
 
 def worker_loop() -> None:
