@@ -522,7 +522,7 @@ def compiler_message() -> str | None:
     """A one-line warning for main.py when `mx.compile` would silently run uncompiled, else None."""
     if compiler_available():
         return None
-    return "mx.compile: g++ not found on PATH, compiled steps run uncompiled on CPU (apt-get install g++)"
+    return "mx.compile: g++ not found on PATH, so training steps run uncompiled on the CPU (apt-get install g++)"
 
 
 # The header every kernel MLX 0.32's CPU JIT writes starts with; libmlx.so holds this line when it does.

@@ -243,7 +243,8 @@ def load_or_build(
     embeddings: mx.array | None = None,
 ):
     """The chunk index of this retriever checkpoint: read from its cache, or built and cached (from `embeddings`
-    of every chunk by this checkpoint when the caller has them: the retriever's last evaluation).
+    of every chunk by this checkpoint when the caller has them: the retriever's last evaluation; a ValueError
+    when they are not one per chunk).
 
     A cache whose metadata names another retriever, or with the wrong number of chunks, is rebuilt. The cache is
     `<id>.embedding-<i>-of-<n>.npy` shards (one per process that built it) and `<id>.embedding.json`, written
@@ -254,14 +255,14 @@ def load_or_build(
         raise ValueError(f"--index must be one of {', '.join(INDEX_KINDS)}, got {kind!r}")
     directory = Path(directory)
     name = embedding_identifier or retriever_id
+    if embeddings is not None and len(embeddings) != len(chunks):
+        raise ValueError(f"embeddings of {len(embeddings):,} chunks given for an index of {len(chunks):,}")
     index = _read_cache(directory, name, retriever_id, len(chunks), log)
     if index is None and embedding_identifier:
         name = retriever_id
         index = _read_cache(directory, name, retriever_id, len(chunks), log)
     # Every rank must take part in building if any must (a rank without the shared folder would otherwise hang).
     if dist.any_flag(index is None):
-        if embeddings is not None and len(embeddings) != len(chunks):
-            embeddings = None
         index = _build(model, retriever_id, chunks, directory, log, embeddings)
         name = retriever_id
     if kind == "exact":

@@ -528,3 +528,24 @@ def test_real_reexec_with_the_pip_openblas():
         assert float(worst) < 1e-3 and threads == "True"  # products right; spread() can set its thread count
         assert in_use.startswith(f"OpenBLAS ({PIP_OPENBLAS}") and ", preloaded" in message
         assert ("matrix-vector products as GEMV" in in_use) == (not extra)
+
+
+@pytest.mark.parametrize("jit", [True, False])
+def test_runtime_setup_compiles_where_g_plus_plus_is_and_says_so_where_not(monkeypatch, capsys, jit):
+    import argparse
+
+    import cores
+    import pipeline
+
+    built = []
+    monkeypatch.setattr(fastpath, "compiler_available", lambda: jit)
+    monkeypatch.setattr(fastpath, "precompile_kernel_header", lambda: built.append(1))
+    monkeypatch.setattr(fastpath, "keep_freed_memory", lambda: None)
+    monkeypatch.setattr(cores, "configure", lambda n: 1)
+    for choice in ("auto", "yes", "no"):
+        args = argparse.Namespace(gpu=False, cpu_streams=1, compile=choice, seed=0)
+        pipeline.setup_runtime(args)
+        said = capsys.readouterr().out
+        assert args.use_compile == (choice == "yes" or (choice == "auto" and jit))
+        assert ("g++ not found" in said) == (not jit and choice != "no")
+    assert len(built) == (2 if jit else 0)  # the kernels' header, unless --compile no

@@ -176,7 +176,8 @@ def test_final_evaluation_embeddings_become_the_index_without_embedding_again(tm
     # resumed at its last step: no evaluation, nothing handed over
     _, same_rid, none = R.train(data, ckdir, train, {}, eval_questions=8, compile=False, log=quiet)
     assert same_rid == rid and none is None
-    # embeddings of another length are ignored: the index is embedded as before
+    # embeddings that are not one per chunk are the caller's mistake: refused before anything is written
     other = tmp_path / "other"
-    index = chunk_index.load_or_build(model, rid, data.chunks, other, log=quiet, embeddings=embedded[:-1])
-    np.testing.assert_array_equal(np.asarray(index.to_array()), np.array(embedded))
+    with pytest.raises(ValueError, match="embeddings of 1 chunks given for an index of 2"):
+        chunk_index.load_or_build(model, rid, data.chunks[:2], other, log=quiet, embeddings=embedded[:1])
+    assert not other.exists()
