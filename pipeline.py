@@ -259,6 +259,23 @@ def show_samples(data, retr, index, gen, args, n: int = 3) -> None:
         print(f"A: {data.decode(answers[i])}   (gold: {qa['answers'][0]})")
 
 
+class StageClock:
+    """Wall seconds of a run's stages, for the line it ends with (`bench/run.py` reads it)."""
+
+    def __init__(self):
+        self.start = self.last = time.perf_counter()
+        self.stages: dict[str, float] = {}
+
+    def lap(self, stage: str) -> None:
+        now = time.perf_counter()
+        self.stages[stage] = now - self.last
+        self.last = now
+
+    def summary(self) -> str:
+        stages = ", ".join(f"{name} {seconds:.1f}s" for name, seconds in self.stages.items())
+        return f"done in {self.last - self.start:.0f}s ({stages})"
+
+
 def run(args: argparse.Namespace) -> int:
     setup_runtime(args)
     if dist.size() > 1:
@@ -268,9 +285,11 @@ def run(args: argparse.Namespace) -> int:
             sys.stdout = open(os.devnull, "w")  # only rank 0 prints (errors still reach stderr)
     if args.target == "none":
         return 0
-    tic = time.perf_counter()
+    clock = StageClock()
     data = prepare_dataset(args)
+    clock.lap("dataset")
     if args.target == "dataset":
+        print(clock.summary())
         return 0
     if args.top_k <= 0:
         raise training.UsageError(f"--top_k must be positive, got {args.top_k}")
@@ -282,15 +301,19 @@ def run(args: argparse.Namespace) -> int:
         return evaluation.eval_target(args, data)
     train = not args.inference
     retr, rid, index = get_retriever(args, data, train)
+    clock.lap("retriever")
     if args.target == "retriever":
         if args.inference:
             import inference
 
             return inference.loop(data, retr, index, None, args)
         summarise(args, data, retr, index, None)
+        clock.lap("test")
+        print(f"\n{clock.summary()}")
         return 0
     _, retrieved = retrieve(retr, data, index, args.top_k)
     gen, _ = get_generator(args, data, retrieved, rid, train)
+    clock.lap("generator")
     if not dist.is_main():  # samples and test metrics: rank 0 only
         return 0
     if args.inference:
@@ -299,5 +322,6 @@ def run(args: argparse.Namespace) -> int:
         return inference.loop(data, retr, index, gen, args)
     show_samples(data, retr, index, gen, args)
     summarise(args, data, retr, index, gen)
-    print(f"\ndone in {time.perf_counter() - tic:.0f}s")
+    clock.lap("test")
+    print(f"\n{clock.summary()}")
     return 0

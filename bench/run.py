@@ -96,7 +96,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="small: dim 256 models and 100k search; large: dim 1024 models and 1M search")
     p.add_argument("--skip_main", action="store_true", help="skip timing `main.py --target all` (many minutes)")
     p.add_argument("--profile", action="store_true", help="also break the dim-256 MLX training steps down")
-    p.add_argument("--main_args", default="", help="extra flags for the main.py runs, e.g. \"--num_iters 100\"")
+    p.add_argument("--main_args", default="", help="extra flags for the main.py run, e.g. \"--num_iters 100\"")
     p.add_argument("--no_torch_compile", action="store_true", help="skip the torch.compile reference")
     p.add_argument("--threads", type=int, default=None,
                    help="threads for both frameworks (OMP/OPENBLAS/MKL_NUM_THREADS, set before MLX's BLAS or torch "

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import re
 import shutil
 import subprocess
 import sys
@@ -122,6 +123,13 @@ def test_training_targets_write_verifiable_checkpoints(tiny_run):
         k: v for k, v in tiny_run.after_retriever.items() if ".retriever." in k
     }
     assert "test set" in tiny_run.out["all"]
+    # each run ends with its stages' wall times, and they add up to the total (which the benchmark reads)
+    for target, stages in (("dataset", ["dataset"]), ("retriever", ["dataset", "retriever", "test"]),
+                           ("all", ["dataset", "retriever", "generator", "test"])):  # fmt: skip
+        total, parts = re.fullmatch(r"done in (\d+)s \((.*)\)", tiny_run.out[target].strip().splitlines()[-1]).groups()
+        seconds = {name: float(t[:-1]) for name, t in (part.split() for part in parts.split(", "))}
+        assert list(seconds) == stages, target
+        assert abs(sum(seconds.values()) - int(total)) <= 0.5 + 0.05 * len(stages), target
 
 
 def test_second_retriever_run_resumes(tiny_run, tmp_path):
