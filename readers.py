@@ -215,6 +215,17 @@ def _triviaqa_question(item: dict, keys: tuple, where: str, report: "ReadReport"
     return qid, question, answers
 
 
+def _add_triviaqa_pair(qa: dict[str, QAPair], pair: QAPair, where: str, report: ReadReport) -> None:
+    """Keep `pair` by its id; a question id seen before (TriviaQA repeats some across files) adds its evidence
+    documents to the first one's."""
+    if pair.id not in qa:
+        qa[pair.id] = pair
+        return
+    report.duplicate_questions += 1
+    report.warn(f"{where}: question id {pair.id} seen before; evidence merged")
+    qa[pair.id].doc_ids += [d for d in pair.doc_ids if d not in qa[pair.id].doc_ids]
+
+
 def read_triviaqa_dir(
     root: str | os.PathLike, domains: tuple[str, ...] = ("wikipedia",), max_questions: int | None = None
 ) -> ReadResult:
@@ -293,12 +304,8 @@ def read_triviaqa_dir(
                         doc_id = evidence(kind, page, where)
                         if doc_id is not None and doc_id not in doc_ids:
                             doc_ids.append(doc_id)
-                if qid in qa:
-                    report.duplicate_questions += 1
-                    report.warn(f"{where}: question id {qid} seen before; evidence merged")
-                    qa[qid].doc_ids += [d for d in doc_ids if d not in qa[qid].doc_ids]
-                    continue
-                qa[qid] = QAPair(id=qid, question=question, answers=answers, doc_ids=doc_ids)
+                pair = QAPair(id=qid, question=question, answers=answers, doc_ids=doc_ids)
+                _add_triviaqa_pair(qa, pair, where, report)
                 if max_questions is not None and len(qa) >= max_questions:
                     full = True
                     break
@@ -426,12 +433,8 @@ def read_triviaqa_hf(
                             docs[doc_id] = Document(id=doc_id, title=title, text=text)
                         if doc_id not in doc_ids:
                             doc_ids.append(doc_id)
-                if qid in qa:
-                    report.duplicate_questions += 1
-                    report.warn(f"{where}: question id {qid} seen before; evidence merged")
-                    qa[qid].doc_ids += [d for d in doc_ids if d not in qa[qid].doc_ids]
-                    continue
-                qa[qid] = QAPair(id=qid, question=question, answers=answers, doc_ids=doc_ids)
+                pair = QAPair(id=qid, question=question, answers=answers, doc_ids=doc_ids)
+                _add_triviaqa_pair(qa, pair, where, report)
                 if max_questions is not None and len(qa) >= max_questions:
                     break
     return _finish(report, list(docs.values()), list(qa.values()))

@@ -256,6 +256,8 @@ def test_triviaqa_hf_conversion_with_real_json_loader(tmp_path):
         ],
         "validation": [
             _hf_row("tc_3", "Danish prince play?", "Hamlet", [], [hamlet, ("Blank.txt", "Blank", "")]),
+            # tc_1 again, with other evidence: merged into the first
+            _hf_row("tc_1", "Who wrote Hamlet?", "William Shakespeare", [], [("Globe.txt", "The Globe", "A theatre.")]),
         ],
     }
     paths = {}
@@ -275,11 +277,12 @@ def test_triviaqa_hf_conversion_with_real_json_loader(tmp_path):
     assert calls == [(readers.HF_TRIVIAQA, "rc.wikipedia", s) for s in ("train", "validation")]
     assert [q.id for q in qa] == ["tc_1", "tc_3"]
     assert qa[0].answers == ["William Shakespeare", "Shakespeare", "william shakespeare", "shakespeare"]
-    assert qa[0].doc_ids == ["wikipedia/Hamlet.txt", "wikipedia/William_Shakespeare.txt"]
+    assert qa[0].doc_ids == ["wikipedia/Hamlet.txt", "wikipedia/William_Shakespeare.txt", "wikipedia/Globe.txt"]
     assert qa[1].doc_ids == ["wikipedia/Hamlet.txt"]
-    assert [d.id for d in docs] == ["wikipedia/Hamlet.txt", "wikipedia/William_Shakespeare.txt"]
+    assert [d.id for d in docs] == ["wikipedia/Hamlet.txt", "wikipedia/William_Shakespeare.txt", "wikipedia/Globe.txt"]
     assert docs[0].title == "Hamlet" and docs[0].text == hamlet[2]
     assert (report.files_read, report.empty_answers, report.empty_documents) == (2, 1, 1)
+    assert report.duplicate_questions == 1 and any("tc_1 seen before; evidence merged" in m for m in report.messages)
     assert report.unit == "splits"
 
     docs, qa, _ = readers.read_triviaqa_hf(load_dataset=load_via_json, max_questions=1)
