@@ -361,13 +361,16 @@ def train(
     retriever_id: str | None,
     identifier: str | None = None,
     new_model: bool = False,
+    train_defaults: dict | None = None,
     eval_questions: int = 500,
     visualisation: bool = False,
     compile: bool = True,
     log=print,
 ) -> tuple[Generator, str | None]:
     """Train (or resume) the generator on training questions with their retrieved chunks `retrieved` [Q, K]
-    (row i belongs to question i). Evaluates validation loss, EM and F1 every --steps_per_eval."""
+    (row i belongs to question i). Evaluates validation loss, EM and F1 every --steps_per_eval.
+    `train_defaults` fills the training flags `train_overrides` leaves None on a fresh start (a resume takes
+    them from its checkpoint)."""
     import training as T
 
     model, found = T.load_or_init(
@@ -382,7 +385,7 @@ def train(
         new_model,
         log,
     )
-    cfg = T.TrainConfig.merged(found.metadata.get("train") if found else None, train_overrides)
+    cfg = T.TrainConfig.merged(found.metadata.get("train") if found else None, train_overrides, train_defaults)
     train_ids = data.split_indices("train")
     valid_ids = data.split_indices("valid")[:eval_questions]
     if len(train_ids) == 0:
@@ -423,5 +426,9 @@ def train(
         log(f"saved generator {state['id'][:12]} at step {step}")
 
     prepare = partial(with_packings, spreading=cores.spreads())  # decided here: `prepare` runs on another thread
-    T.fit(model, optimizer, cfg, seq2seq_loss, batches, start, evaluate, save, "tok_acc", log, compile, prepare=prepare)
+    hint = T.resume_hint(new_model, identifier, "--identifier")
+    T.fit(
+        model, optimizer, cfg, seq2seq_loss, batches, start, evaluate, save, "tok_acc", log, compile,
+        prepare=prepare, resume_hint=hint,
+    )  # fmt: skip
     return model, dist.broadcast_text(state["id"])  # only rank 0 saved; every rank needs the id

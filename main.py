@@ -181,7 +181,9 @@ def main(argv: list[str] | None = None, fast_blas: bool = False) -> int:
     except pipeline.USER_ERRORS as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-    except KeyboardInterrupt:  # outside a training loop (which saves and exits 0 itself)
+    except pipeline.training.Stopped:  # a Ctrl+C in a training loop, which saved its last step and said so
+        return 130
+    except KeyboardInterrupt:  # anywhere else
         print("\ninterrupted", file=sys.stderr)
         return 130
 

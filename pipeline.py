@@ -75,13 +75,6 @@ def train_overrides(args, iters: int | None) -> dict:
     return out
 
 
-def with_defaults(overrides: dict, defaults: dict) -> dict:
-    return {
-        k: (overrides.get(k) if overrides.get(k) is not None else defaults.get(k))
-        for k in set(overrides) | set(defaults)
-    }
-
-
 def model_overrides(args) -> dict:
     return {"dim": args.dim, "num_blocks": args.num_blocks, "num_heads": args.num_heads, "checkpoint": args.checkpoint}
 
@@ -126,14 +119,14 @@ def get_retriever(args, data, train: bool):
 
     directory = checkpoint_dir(args)
     if train:
-        defaults = _train_defaults(directory, "retriever", args.new_model)
         model, rid, embedded = retriever.train(
             data,
             directory,
-            with_defaults(train_overrides(args, args.retriever_iters), defaults),
+            train_overrides(args, args.retriever_iters),
             model_overrides(args),
             args.retriever_identifier,
             args.new_model,
+            train_defaults("retriever"),
             visualisation=args.visualisation,
             compile=args.use_compile,
             local_negatives=getattr(args, "local_negatives", False),
@@ -154,11 +147,9 @@ def get_retriever(args, data, train: bool):
     return model, rid, index
 
 
-def _train_defaults(directory, ckpt_type: str, new_model: bool) -> dict:
-    """Defaults for a model's training flags. When resuming, none: the checkpoint's saved train config fills
-    what the command line leaves out (explicit flags still win)."""
-    if not new_model and Path(directory).is_dir() and checkpoint.list_checkpoints(directory, ckpt_type):
-        return {}
+def train_defaults(ckpt_type: str) -> dict:
+    """A fresh model's training flags that the command line leaves out. A resumed one takes them from its
+    checkpoint's saved train config instead (explicit flags still win), whatever else the folder holds."""
     return dict(TRAIN_DEFAULTS, **STAGE_DEFAULTS[ckpt_type])
 
 
@@ -182,16 +173,16 @@ def get_generator(args, data, retrieved, rid, train: bool):
     if args.max_answer_tokens is not None:
         overrides["max_answer_tokens"] = args.max_answer_tokens
     if train:
-        defaults = _train_defaults(directory, "generator", args.new_model)
         model, gid = generator.train(
             data,
             directory,
             retrieved,
-            with_defaults(train_overrides(args, args.num_iters), defaults),
+            train_overrides(args, args.num_iters),
             overrides,
             rid,
             args.identifier,
             args.new_model,
+            train_defaults("generator"),
             visualisation=args.visualisation,
             compile=args.use_compile,
         )

@@ -173,6 +173,7 @@ def train(
     model_overrides: dict,
     identifier: str | None = None,
     new_model: bool = False,
+    train_defaults: dict | None = None,
     negatives: int | None = None,
     eval_questions: int = 1000,
     visualisation: bool = False,
@@ -186,6 +187,9 @@ def train(
     then written from them instead of embedding the corpus again), else None. Evaluates Recall@1/5/20 and MRR on
     validation questions against the whole chunk index, or against `eval_chunks` of them (their labelled chunks and
     a fixed random sample) on a larger corpus.
+
+    `train_defaults` fills the training flags `train_overrides` leaves None on a fresh start (a resume takes
+    them from its checkpoint).
 
     Under `mlx.launch` each rank trains on its share of every global batch; in-batch negatives span the global
     batch unless `local_negatives`; only rank 0 logs and saves."""
@@ -209,7 +213,7 @@ def train(
     )
     if model.args.vocab_size != data.vocab_size:
         raise T.UsageError(f"retriever vocab_size {model.args.vocab_size} != tokenizer's {data.vocab_size}")
-    cfg = T.TrainConfig.merged(found.metadata.get("train") if found else None, train_overrides)
+    cfg = T.TrainConfig.merged(found.metadata.get("train") if found else None, train_overrides, train_defaults)
     train_ids = data.split_indices("train", answerable=True)
     valid_ids = data.split_indices("valid", answerable=True)[:eval_questions]
     if len(train_ids) == 0:
@@ -270,7 +274,8 @@ def train(
         ckpt_cleanup(directory)
     loss_fn, shard = parallel_loss(local_negatives)
     prepare = partial(with_packings, spreading=cores.spreads())  # decided here: `prepare` runs on another thread
-    T.fit(model, optimizer, cfg, loss_fn, batches, start, evaluate, save, "acc", log, compile, shard, prepare)
+    hint = T.resume_hint(new_model, identifier, "--retriever_identifier")
+    T.fit(model, optimizer, cfg, loss_fn, batches, start, evaluate, save, "acc", log, compile, shard, prepare, hint)
     embedded = state["embedded"]  # at the last step, the final weights' (every rank evaluates the same steps)
     final = embedded[1] if embedded is not None and embedded[0] == cfg.num_iters else None
     return model, dist.broadcast_text(state["id"]), final  # only rank 0 saved; every rank needs the id

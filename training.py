@@ -46,10 +46,11 @@ class TrainConfig:
             raise UsageError("--lr_warmup must be >= 0 and --learning_rate > 0")
 
     @classmethod
-    def merged(cls, saved: dict | None, overrides: dict) -> "TrainConfig":
-        """A saved config (on resume) with the command-line values that were given on top."""
+    def merged(cls, saved: dict | None, overrides: dict, defaults: dict | None = None) -> "TrainConfig":
+        """A saved config (on resume), else `defaults` (a fresh start), with the command-line values that were
+        given on top."""
         fields = {f.name for f in dataclasses.fields(cls)}
-        values = {k: v for k, v in (saved or {}).items() if k in fields}
+        values = {k: v for k, v in (saved if saved is not None else defaults or {}).items() if k in fields}
         values.update({k: v for k, v in overrides.items() if k in fields and v is not None})
         return cls(**values)
 
@@ -64,6 +65,23 @@ def make_optimizer(cfg: TrainConfig) -> optim.Optimizer:
     else:
         schedule = decay
     return optim.AdamW(learning_rate=schedule, weight_decay=cfg.weight_decay)
+
+
+RESUME_HINT = "resume by running the same command again"
+
+
+class Stopped(Exception):
+    """Training stopped by a Ctrl+C, its last step saved: the run ends there (main.py exits 130), and the stages
+    after it never start from a half-trained model."""
+
+
+def resume_hint(new_model: bool, identifier: str | None, flag: str) -> str:
+    """How to go on after a Ctrl+C, for a run given `--new_model` or a checkpoint id (`flag`)."""
+    if new_model:
+        return "resume by running the same command without --new_model"
+    if identifier is not None:
+        return f"resume with {flag} set to the checkpoint saved above (or without {flag}, from the newest)"
+    return RESUME_HINT
 
 
 class GracefulInterrupt:
@@ -160,12 +178,14 @@ def fit(
     compile: bool = True,
     shard_batch: Callable[[tuple, int, int], tuple] | None = None,
     prepare: Callable[[tuple], tuple] | None = None,
+    resume_hint: str = RESUME_HINT,
 ) -> dict:
     """Train from `start_step` to `cfg.num_iters`.
 
     `make_batch(step)` returns numpy arrays for that step only (deterministic in the step, so resuming at step s
     sees the same data as an uninterrupted run). `loss_fn(model, *batch) -> (loss, (aux, ntokens))`.
-    Evaluates at the first step, every `steps_per_eval` and the last; saves after each evaluation and on Ctrl+C.
+    Evaluates at the first step, every `steps_per_eval` and the last; saves after each evaluation. A Ctrl+C
+    stops after the step it interrupted, saves it, logs how to resume (`resume_hint`) and raises `Stopped`.
     Returns the last metrics.
 
     Under `mlx.launch` (see distributed.py) `make_batch` still returns the GLOBAL batch and each rank trains on
@@ -249,8 +269,12 @@ def fit(
             elif stop and main:
                 save(done, metrics)
             if stop:
-                log(f"stopped at step {done}; resume by running the same command again")
-                break
+                log(f"stopped at step {done}; {resume_hint}")
+                raise Stopped(done)
+        # A Ctrl+C during the last step's evaluation or save: that step is saved, but the run stops here too.
+        if dist.any_flag(interrupt.requested) if size > 1 else interrupt.requested:
+            log(f"stopped after the last step, {cfg.num_iters}")
+            raise Stopped(cfg.num_iters)
     return metrics
 
 

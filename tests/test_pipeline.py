@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 import re
 import shutil
+import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -130,6 +132,30 @@ def test_training_targets_write_verifiable_checkpoints(tiny_run):
         seconds = {name: float(t[:-1]) for name, t in (part.split() for part in parts.split(", "))}
         assert list(seconds) == stages, target
         assert abs(sum(seconds.values()) - int(total)) <= 0.5 + 0.05 * len(stages), target
+
+
+def test_one_ctrl_c_saves_that_step_and_ends_the_whole_run(tiny_run, tmp_path):
+    """Ctrl+C during the retriever's training: its step is saved and the command exits 130, without going on to
+    index chunks with, and train the generator on, a half-trained retriever."""
+    run = copy_of(tiny_run, tmp_path)
+    flags = [*TINY, "--retriever_iters", "100000", "--steps_per_report", "1", "--new_model"]
+    env = dict(os.environ, PYTHONUNBUFFERED="1")
+    cmd = [sys.executable, "main.py", "--save_dir", str(run), *flags, "--target", "all"]
+    child = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env)
+    lines = []
+    for line in child.stdout:  # the first training report: the loop is running
+        lines.append(line)
+        if line.startswith("step "):
+            child.send_signal(signal.SIGINT)
+            break
+    out = "".join(lines) + child.stdout.read()
+    assert child.wait(timeout=120) == 130, out
+    stopped = re.search(r"saved retriever (\w+) at step (\d+)\nstopped at step (\d+); resume by running the same "
+                        r"command without --new_model", out)  # fmt: skip
+    assert stopped and stopped.group(2) == stopped.group(3), out
+    assert "generator" not in out and "index:" not in out and "Traceback" not in out
+    saved = [m["step"] for m in checkpoints(run, "retriever") if m["id"].startswith(stopped.group(1))]
+    assert saved == [int(stopped.group(2))], "the step it stopped at is a complete checkpoint"
 
 
 def test_second_retriever_run_resumes(tiny_run, tmp_path):

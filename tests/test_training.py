@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import threading
@@ -170,6 +171,33 @@ def test_train_config_validation_and_merge():
     saved = {"batch_size": 8, "num_iters": 50, "learning_rate": 5e-4, "not_a_field": 1}
     cfg = T.TrainConfig.merged(saved, {"num_iters": 80, "learning_rate": None})
     assert (cfg.batch_size, cfg.num_iters, cfg.learning_rate) == (8, 80, 5e-4)
+    # the stage's defaults fill what the flags leave out on a fresh start only: a resume keeps its saved config
+    defaults = {"batch_size": 32, "num_iters": 400, "learning_rate": 1e-3}
+    fresh = T.TrainConfig.merged(None, {"num_iters": 80, "learning_rate": None}, defaults)
+    assert (fresh.batch_size, fresh.num_iters, fresh.learning_rate) == (32, 80, 1e-3)
+    resumed = T.TrainConfig.merged(saved, {"num_iters": None}, defaults)
+    assert (resumed.batch_size, resumed.num_iters, resumed.learning_rate) == (8, 50, 5e-4)
+
+
+def test_a_fresh_start_beside_a_corrupt_checkpoint_takes_the_stage_defaults(tmp_path):
+    """The folder's only checkpoint is corrupt: it is skipped, and the new run is a fresh start with the stage's
+    defaults, not a resume's (none) that would leave TrainConfig's own."""
+    import pipeline
+
+    data = build_builtin(tmp_path / "dataset", corpus_size=30, context_size=32)
+    arch = dict(dim=32, num_blocks=1, num_heads=2, embedding_dim=16)
+    flags = dict(batch_size=None, num_iters=2, steps_per_report=1, steps_per_eval=2, lr_warmup=1, seed=0)
+    ckdir = tmp_path / "checkpoints"
+    R.train(data, ckdir, flags, arch, new_model=True, eval_questions=4, compile=False, log=quiet)
+    (weights,) = ckdir.glob("*.retriever.safetensors")
+    weights.write_bytes(weights.read_bytes()[:-8])
+    before = set(ckdir.glob("*.retriever.json"))
+    logs = []
+    defaults = dict(pipeline.train_defaults("retriever"), batch_size=6)
+    R.train(data, ckdir, flags, arch, train_defaults=defaults, eval_questions=4, compile=False, log=logs.append)
+    assert any("skipping corrupt retriever checkpoint" in m for m in logs)
+    (new,) = set(ckdir.glob("*.retriever.json")) - before
+    assert json.loads(new.read_text())["train"]["batch_size"] == 6, "the stage's default, not TrainConfig's 64"
 
 
 # ------------------------------------------------------------------ learning
@@ -237,19 +265,21 @@ def interrupt_run(data, make_batch, loss_fn, on_log=lambda _m: None):
         on_log(m)
 
     previous = signal.getsignal(signal.SIGINT)
-    T.fit(
-        model,
-        optimizer,
-        cfg,
-        loss_fn,
-        make_batch,
-        0,
-        no_eval,
-        lambda s, m: saves.append((s, int(np.array(optimizer.state["step"])))),
-        log=log,
-        compile=False,
-    )
+    with pytest.raises(T.Stopped) as stopped:  # the run ends there: the stages after it must not start
+        T.fit(
+            model,
+            optimizer,
+            cfg,
+            loss_fn,
+            make_batch,
+            0,
+            no_eval,
+            lambda s, m: saves.append((s, int(np.array(optimizer.state["step"])))),
+            log=log,
+            compile=False,
+        )
     assert signal.getsignal(signal.SIGINT) is previous, "the previous SIGINT handler is restored"
+    assert saves and stopped.value.args == (saves[-1][0],), "Stopped names the step it saved"
     return saves, logs
 
 
