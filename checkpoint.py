@@ -387,7 +387,8 @@ def _remove(paths: list[Path]) -> None:
 
 
 def _prune(directory: Path, ckpt_type: str, keep: int, new_id: str) -> None:
-    """Delete complete checkpoints beyond the `keep` newest, and weights/optimizer files left without a json."""
+    """Delete complete checkpoints beyond the `keep` newest, with what is cached under their id (a retriever's
+    chunk index, `<id>.embedding*`), and weights/optimizer files left without a json."""
     complete = [m["id"] for m in list_checkpoints(directory, ckpt_type)]
     survivors = [new_id] + [i for i in complete if i != new_id][: keep - 1]
     for ckpt_id in complete:
@@ -398,6 +399,7 @@ def _prune(directory: Path, ckpt_type: str, keep: int, new_id: str) -> None:
                     _json_path(directory, ckpt_id, ckpt_type),
                     _optimizer_path(directory, ckpt_id, ckpt_type),
                     _weights_path(directory, ckpt_id, ckpt_type),
+                    *sorted(directory.glob(f"{ckpt_id}.embedding*")),
                 ]
             )
     with_json = set(_ids_with_suffix(directory, f".{ckpt_type}.json"))
@@ -418,7 +420,8 @@ def save_checkpoint(
 
     Order: weights (temp -> sha1 -> rename), optimizer file, json last. Only once the json is durable are the
     oldest complete checkpoints of this type beyond `keep` deleted (None keeps all). Saving identical weights
-    again reuses the id and overwrites that checkpoint's files.
+    again reuses the id and overwrites that checkpoint's files, its json removed first: interrupted, it is left
+    incomplete (skipped) rather than complete with another save's optimizer state.
     """
     _check_type(ckpt_type)
     if keep is not None and keep < 1:
@@ -431,6 +434,10 @@ def save_checkpoint(
 
     tmp, ckpt_id = _write_temp_safetensors(directory, f".{ckpt_type}.safetensors", weights, None, "weights")
     _replace_or_discard(tmp, _weights_path(directory, ckpt_id, ckpt_type))
+    json_path = _json_path(directory, ckpt_id, ckpt_type)
+    if json_path.exists():  # these weights saved before: incomplete until the new json, never half old, half new
+        json_path.unlink()
+        fsync_dir(directory)
 
     opt_path = _optimizer_path(directory, ckpt_id, ckpt_type)
     if optimizer_state is None:
@@ -442,7 +449,7 @@ def save_checkpoint(
 
     meta = dict(metadata)
     meta.update(id=ckpt_id, type=ckpt_type, created=time.time(), sha1_optimizer=sha1_optimizer, format=FORMAT)
-    atomic_write_json(_json_path(directory, ckpt_id, ckpt_type), meta)
+    atomic_write_json(json_path, meta)
 
     if keep is not None:
         _prune(directory, ckpt_type, keep, ckpt_id)

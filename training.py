@@ -310,6 +310,8 @@ def load_or_init(
     On resume the architecture comes from the checkpoint; a command-line value that contradicts it is an error.
     Returns (model, checkpoint or None)."""
     found = None
+    if new_model and identifier is not None:
+        raise UsageError(f"--new_model starts a fresh {ckpt_type}, so it cannot also resume {identifier!r}")
     if not new_model:
         try:
             found = ckpt.load_checkpoint(directory, ckpt_type, identifier, warn=log)

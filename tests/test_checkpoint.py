@@ -257,6 +257,35 @@ def test_keyboard_interrupt_before_json_keeps_previous(tmp_path, monkeypatch):
     assert ckpt.load_checkpoint(tmp_path, "retriever").id == good
 
 
+def test_resaving_the_same_weights_interrupted_never_leaves_a_mixed_checkpoint(tmp_path, monkeypatch):
+    """The same weights saved again with another optimizer state, interrupted before the json: the checkpoint
+    must not stay "complete" with the old json and the new optimizer file (loading would reject it as corrupt)."""
+    first = save(tmp_path, seed=0, step=1)
+    other_opt = {"step": mx.array(2, dtype=mx.uint64), "embed.weight.m": mx.full((8, 4), 7.0)}
+
+    def interrupted(path, obj):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(ckpt, "atomic_write_json", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        ckpt.save_checkpoint(tmp_path, "retriever", make_weights(0), other_opt, {"step": 2})
+    monkeypatch.undo()
+    warnings = []
+    assert ckpt.load_checkpoint(tmp_path, "retriever", warn=warnings.append) is None and not warnings
+    assert ckpt.save_checkpoint(tmp_path, "retriever", make_weights(0), other_opt, {"step": 2}) == first
+    assert ckpt.load_checkpoint(tmp_path, "retriever").metadata["step"] == 2
+
+
+def test_pruning_a_retriever_removes_its_chunk_index_cache(tmp_path):
+    old = save(tmp_path, seed=0, step=1, keep=1)
+    for name in (f"{old}.embedding.json", f"{old}.embedding-0-of-1.npy", f"{old}.embedding.faiss"):
+        (tmp_path / name).write_bytes(b"x")
+    new = save(tmp_path, seed=1, step=2, keep=1)
+    (tmp_path / f"{new}.embedding.json").write_bytes(b"x")
+    save(tmp_path, seed=1, step=2, keep=1)  # the same weights again: nothing of its own is pruned
+    assert sorted(p.name for p in tmp_path.iterdir() if ".embedding" in p.name) == [f"{new}.embedding.json"]
+
+
 def test_keyboard_interrupt_mid_write_leaves_no_file(tmp_path, monkeypatch):
     good = save(tmp_path, seed=0, step=1)
     before = sorted(p.name for p in tmp_path.iterdir())

@@ -161,6 +161,9 @@ def test_resume_guards(data, tmp_path):
     assert none is None and fresh.args.dim == 64
     with pytest.raises(T.UsageError, match="--dim 30"):
         T.load_or_init(*args, {"dim": 30, "num_heads": 4}, data.tokenizer_sha1, new_model=True, log=quiet)
+    # a checkpoint that exists, named beside --new_model: the conflict is the error, not "not found"
+    with pytest.raises(T.UsageError, match=f"--new_model starts a fresh retriever, so it cannot also resume '{cid}'"):
+        T.load_or_init(*args, {}, data.tokenizer_sha1, identifier=cid, new_model=True, log=quiet)
 
 
 def test_train_config_validation_and_merge():
