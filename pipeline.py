@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import math
 import os
 import sys
 import time
@@ -286,6 +287,14 @@ def run(args: argparse.Namespace) -> int:
         raise training.UsageError(f"--top_k must be positive, got {args.top_k}")
     if getattr(args, "eval_chunks", 1) <= 0:
         raise training.UsageError(f"--eval_chunks must be positive, got {args.eval_chunks}")
+    if not math.isfinite(args.temperature) or args.temperature < 0:
+        raise training.UsageError(f"--temperature must be a finite number >= 0 (0 = greedy), got {args.temperature}")
+    if args.sample_top_k < 0:
+        raise training.UsageError(f"--sample_top_k must be >= 0 (0 = all tokens), got {args.sample_top_k}")
+    if args.sample_top_k > 0 and args.temperature == 0:
+        raise training.UsageError("--sample_top_k needs --temperature > 0 (at 0 answers are decoded greedily)")
+    if args.max_answer_tokens is not None and args.max_answer_tokens < 1:
+        raise training.UsageError(f"--max_answer_tokens must be positive, got {args.max_answer_tokens}")
     if args.target == "eval":
         import evaluation
 

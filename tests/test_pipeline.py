@@ -16,6 +16,8 @@ import pytest
 
 from helpers import ROOT, file_bytes
 
+import datasets as D  # noqa: E402  (the project's module, not Hugging Face's)
+
 TINY = [
     "--corpus_size",
     "60",
@@ -48,6 +50,23 @@ def main_py(save_dir: Path, *args: str, flags=TINY, stdin: str | None = None) ->
         text=True,
         timeout=300,
     )
+
+
+def main_py_bytes(save_dir: Path, *args: str, stdin: bytes, env: dict | None = None) -> subprocess.CompletedProcess:
+    """`main_py` with raw bytes on stdin (not necessarily UTF-8); the output is decoded as UTF-8."""
+    p = subprocess.run(
+        [sys.executable, "main.py", "--save_dir", str(save_dir), *TINY, *args],
+        cwd=ROOT,
+        input=stdin,
+        capture_output=True,
+        timeout=300,
+        env=env,
+    )
+    return subprocess.CompletedProcess(p.args, p.returncode, p.stdout.decode(), p.stderr.decode())
+
+
+def answers(out: str) -> list[str]:
+    return [line for line in out.splitlines() if line.startswith("Answer:")]
 
 
 def ok(p: subprocess.CompletedProcess) -> str:
@@ -196,6 +215,49 @@ def test_inference_ends_cleanly_at_eof(tiny_run):
     assert "  1. " in out and "Answer:" not in out, "retrieval only"
 
 
+def test_inference_notes_a_line_without_tokens_and_goes_on(tiny_run):
+    """A line that is not blank but has no tokens (zero-width space, BOM, DEL) is refused like an empty one."""
+    q = first_test_question(tiny_run)["question"]
+    out = ok(main_py(tiny_run.path, "--target", "all", "--inference", stdin=f"\u200b\n\ufeff\n\x7f\n{q}\n"))
+    assert out.count("(no tokens in that line: type a question, or quit)") == 3
+    assert f"> {q}\n" in out and len(answers(out)) == 1
+
+
+@pytest.mark.parametrize("errors", ["surrogateescape", "strict"])
+def test_inference_reads_bytes_that_are_not_utf8(tiny_run, errors):
+    """They are read as U+FFFD, whichever way Python decodes stdin (`surrogateescape` under a C locale)."""
+    q = first_test_question(tiny_run)["question"]
+    stdin = f"{q} caf".encode() + b"\xe9\n" + f"{q}\n".encode()
+    env = dict(os.environ, PYTHONIOENCODING=f"utf-8:{errors}")
+    out = ok(main_py_bytes(tiny_run.path, "--target", "all", "--inference", stdin=stdin, env=env))
+    assert f"> {q} caf\ufffd\n" in out and f"> {q}\n" in out
+    assert len(answers(out)) == 2
+
+
+def test_inference_answers_a_question_longer_than_the_stored_ones(tiny_run):
+    """Questions are stored as wide as the longest one (up to MAX_QUESTION_TOKENS); a longer one is still asked."""
+    data = D.Dataset(tiny_run.path / "dataset")
+    width = data.questions.shape[1]
+    assert width < D.MAX_QUESTION_TOKENS
+    long = first_test_question(tiny_run)["question"]
+    while len(data.tokenizer.encode(long)) <= width:
+        long = "please tell me " + long
+    too_long = "where " * D.MAX_QUESTION_TOKENS
+    out = ok(main_py(tiny_run.path, "--target", "all", "--inference", stdin=f"{long}\n{too_long}\n"))
+    assert f"> {long}\n" in out and len(answers(out)) == 1
+    n = len(data.tokenizer.encode(too_long.strip()))
+    assert f"(question too long: {n} tokens, at most {D.MAX_QUESTION_TOKENS})" in out
+
+
+def test_sampled_answers_differ_per_question_and_repeat_per_seed(tiny_run):
+    """With --temperature, each question of a session draws a new sample; the same session again repeats them."""
+    q = first_test_question(tiny_run)["question"]
+    flags = ("--target", "all", "--inference", "--temperature", "3", "--sample_top_k", "100")
+    first = answers(ok(main_py(tiny_run.path, *flags, stdin=f"{q}\n" * 3)))
+    assert len(first) == 3 and len(set(first)) > 1, first
+    assert answers(ok(main_py(tiny_run.path, *flags, stdin=f"{q}\n" * 3))) == first
+
+
 # ------------------------------------------------------------------ bad input
 
 
@@ -234,6 +296,22 @@ def test_corrupt_newest_checkpoint_is_reported_and_the_previous_used(tiny_run, t
     assert warning and "corrupt" in warning[0], out
     assert f"using {older['id'][:12]} (step 10)" in out
     assert (run / "checkpoints" / f"{older['id']}.embedding.json").is_file()
+
+
+@pytest.mark.parametrize(
+    "flags, flag",
+    [
+        (["--temperature", "-1"], "--temperature"),
+        (["--temperature", "nan"], "--temperature"),
+        (["--temperature", "inf"], "--temperature"),
+        (["--temperature", "1", "--sample_top_k", "-5"], "--sample_top_k"),
+        (["--sample_top_k", "3"], "--sample_top_k"),  # it would decode greedily without saying so
+        (["--max_answer_tokens", "0"], "--max_answer_tokens"),
+    ],
+)
+def test_bad_decoding_flags_exit_2_with_one_line(tiny_run, flags, flag):
+    line = one_line_error(main_py(tiny_run.path, "--target", "all", "--inference", *flags, stdin="quit\n"))
+    assert flag in line
 
 
 def test_keep_zero_is_a_usage_error(tmp_path):
