@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import hashlib
+import json
 import time
 from pathlib import Path
 
@@ -95,7 +97,8 @@ def topk_rows(scores: mx.array, k: int, group: int = 64) -> tuple[mx.array, mx.a
 
 
 def index_path(directory: str | Path, retriever_id: str) -> Path:
-    """The single-file cache `<id>.embedding.safetensors` of earlier versions (still read, no longer written)."""
+    """The single-file cache `<id>.embedding.safetensors` of earlier versions: no longer written or read (it
+    records no fingerprint of its chunks), only recognised, to say why the index is built again."""
     return Path(directory) / f"{retriever_id}.embedding.safetensors"
 
 
@@ -112,6 +115,28 @@ def shard_path(directory: str | Path, name: str, i: int, n: int) -> Path:
 # rows at a time, so it may exceed RAM.
 IN_MEMORY_BYTES = 2 << 30
 ROWS_PER_BLOCK = 1 << 20
+
+
+def chunks_fingerprint(chunks: np.ndarray, rows_per_block: int = ROWS_PER_BLOCK) -> str:
+    """sha1 of the chunk token array (shape, dtype and bytes), recorded in the index caches so that embeddings of
+    other chunks are never served: the retriever id and the number of chunks cannot tell them apart (the
+    tokenizer does not depend on --context_size, so a re-chunked corpus keeps its retriever and may keep its
+    count). Read a block of rows at a time, as the chunks may be memory-mapped (1M x 64 int32: ~0.5 s)."""
+    digest = hashlib.sha1(f"{chunks.shape} {chunks.dtype}".encode())
+    for start in range(0, len(chunks), rows_per_block):
+        digest.update(np.ascontiguousarray(chunks[start : start + rows_per_block]))
+    return digest.hexdigest()
+
+
+def _check_source(meta: dict, retriever_id: str, num_chunks: int, fingerprint: str | None) -> None:
+    """ValueError unless a cache's JSON `meta` names this retriever, number of chunks and, when given, chunk
+    fingerprint (`chunks_fingerprint`; a cache written before fingerprints were recorded has none)."""
+    if meta.get("retriever") != retriever_id or meta.get("num_chunks") != num_chunks:
+        raise ValueError("belongs to another retriever or corpus")
+    if fingerprint is not None and meta.get("chunks_sha1") != fingerprint:
+        if meta.get("chunks_sha1") is None:
+            raise ValueError("records no fingerprint of its chunks (an earlier version's cache)")
+        raise ValueError("was built from other chunks (the corpus re-chunked or re-tokenized)")
 
 
 class ShardedIndex:
@@ -178,27 +203,30 @@ def write_shard(model, chunks, path: Path, batch_size: int = 256, progress: bool
     ckpt.atomic_write_path(path, fill)
 
 
-def write_manifest(directory, name: str, retriever_id: str, num_chunks: int, dim: int, num_shards: int) -> Path:
-    """The manifest of a complete set of shards (written last: an index without it is never read)."""
+def write_manifest(
+    directory, name: str, retriever_id: str, num_chunks: int, dim: int, num_shards: int, fingerprint: str | None = None
+) -> Path:
+    """The manifest of a complete set of shards (written last: an index without it is never read), with the
+    `chunks_fingerprint` of the chunks embedded (None: unknown, and read back only unchecked)."""
     bounds = [dist.shard_bounds(num_chunks, i, num_shards) for i in range(num_shards)]
     files = [
         {"file": shard_path(directory, name, i, num_shards).name, "rows": b - a} for i, (a, b) in enumerate(bounds)
     ]
-    meta = {"retriever": retriever_id, "num_chunks": num_chunks, "dim": dim, "dtype": "float32", "shards": files}
+    meta = {"retriever": retriever_id, "num_chunks": num_chunks, "chunks_sha1": fingerprint, "dim": dim}
+    meta.update(dtype="float32", shards=files)
     manifest = manifest_path(directory, name)
     ckpt.atomic_write_json(manifest, meta)
     return manifest
 
 
-def open_sharded(manifest: Path, retriever_id: str, num_chunks: int, in_memory: bool | None = None) -> ShardedIndex:
+def open_sharded(
+    manifest: Path, retriever_id: str, num_chunks: int, in_memory: bool | None = None, fingerprint: str | None = None
+) -> ShardedIndex:
     """Open an index from its manifest, shards memory-mapped, and read into memory when `in_memory` (default:
-    when it is at most IN_MEMORY_BYTES). ValueError if it belongs to another retriever or corpus, or a shard is
-    missing or the wrong size."""
-    import json
-
+    when it is at most IN_MEMORY_BYTES). ValueError if it belongs to another retriever or corpus, was built from
+    chunks other than those of `fingerprint` (when given), or a shard is missing or the wrong size."""
     meta = json.loads(manifest.read_text())
-    if meta.get("retriever") != retriever_id or meta.get("num_chunks") != num_chunks:
-        raise ValueError("belongs to another retriever or corpus")
+    _check_source(meta, retriever_id, num_chunks, fingerprint)
     shards = []
     for entry in meta["shards"]:
         arr = np.load(manifest.parent / entry["file"], mmap_mode="r")
@@ -210,25 +238,18 @@ def open_sharded(manifest: Path, retriever_id: str, num_chunks: int, in_memory: 
     return ShardedIndex(shards, in_memory=in_memory)
 
 
-def _read_cache(directory: Path, name: str, retriever_id: str, num_chunks: int, log):
-    """The cached index called `name` (sharded, or an earlier version's single file), or None when absent or
-    unusable."""
+def _read_cache(directory: Path, name: str, retriever_id: str, num_chunks: int, fingerprint: str, log):
+    """The cached index called `name`, or None when absent or unusable (an earlier version's single file is
+    never used: it records no fingerprint of its chunks)."""
     manifest = manifest_path(directory, name)
     if manifest.is_file():
         try:
-            return open_sharded(manifest, retriever_id, num_chunks)
+            return open_sharded(manifest, retriever_id, num_chunks, fingerprint=fingerprint)
         except (OSError, ValueError, KeyError) as e:
             log(f"warning: {manifest.name}: {e}; rebuilding")
     path = index_path(directory, name)
     if path.is_file():
-        try:
-            arrays, meta = mx.load(str(path), return_metadata=True)
-            emb = arrays["embeddings"]
-            if meta.get("retriever") == retriever_id and emb.shape[0] == num_chunks:
-                return emb
-            log(f"warning: {path.name} belongs to another retriever or corpus; rebuilding")
-        except (OSError, RuntimeError, ValueError, KeyError) as e:
-            log(f"warning: {path.name} is unreadable ({e}); rebuilding")
+        log(f"warning: {path.name} records no fingerprint of its chunks (an earlier version's cache); rebuilding")
     return None
 
 
@@ -246,7 +267,8 @@ def load_or_build(
     of every chunk by this checkpoint when the caller has them: the retriever's last evaluation; a ValueError
     when they are not one per chunk).
 
-    A cache whose metadata names another retriever, or with the wrong number of chunks, is rebuilt. The cache is
+    A cache whose metadata names another retriever, or other chunks (their number or `chunks_fingerprint`), is
+    rebuilt (on every rank, if any rank must rebuild). The cache is
     `<id>.embedding-<i>-of-<n>.npy` shards (one per process that built it) and `<id>.embedding.json`, written
     last; any number of processes can read it back. Building streams each process's embeddings into its shard,
     so an index larger than RAM can be built and searched. `kind` "faiss" or "usearch" returns an approximate
@@ -257,27 +279,32 @@ def load_or_build(
     name = embedding_identifier or retriever_id
     if embeddings is not None and len(embeddings) != len(chunks):
         raise ValueError(f"embeddings of {len(embeddings):,} chunks given for an index of {len(chunks):,}")
-    index = _read_cache(directory, name, retriever_id, len(chunks), log)
+    fingerprint = chunks_fingerprint(chunks)
+    index = _read_cache(directory, name, retriever_id, len(chunks), fingerprint, log)
     if index is None and embedding_identifier:
         name = retriever_id
-        index = _read_cache(directory, name, retriever_id, len(chunks), log)
+        index = _read_cache(directory, name, retriever_id, len(chunks), fingerprint, log)
     # Every rank must take part in building if any must (a rank without the shared folder would otherwise hang).
     if dist.any_flag(index is None):
-        index = _build(model, retriever_id, chunks, directory, log, embeddings)
+        index = _build(model, retriever_id, chunks, fingerprint, directory, log, embeddings)
         name = retriever_id
     if kind == "exact":
         return index
-    emb = index.to_array() if isinstance(index, ShardedIndex) else index
-    return load_or_build_approximate(emb, directory, name, retriever_id, kind, log)
+    emb = index.to_array()
+    return load_or_build_approximate(emb, directory, name, retriever_id, kind, log, fingerprint=fingerprint)
 
 
-def _build(model, retriever_id: str, chunks: np.ndarray, directory: Path, log, embeddings=None) -> ShardedIndex:
+def _build(
+    model, retriever_id: str, chunks: np.ndarray, fingerprint: str, directory: Path, log, embeddings=None
+) -> ShardedIndex:
     """Each rank embeds its contiguous share of the chunks into its own shard file (or writes its rows of
-    `embeddings`, already computed by every rank); rank 0 writes the manifest.
+    `embeddings`, already computed by every rank); rank 0 writes the manifest, with the chunks' `fingerprint`.
+    A stale manifest is removed first, so that a build interrupted partway never leaves one naming new shards.
     Ranks whose folders are not shared (separate machines without a network folder) exchange their shards so
     that every folder ends up complete (this fallback holds the whole index in memory)."""
     _, rank, size = dist.world()
     directory.mkdir(parents=True, exist_ok=True)
+    manifest_path(directory, retriever_id).unlink(missing_ok=True)  # every rank has read it (any_flag) by now
     paths = [shard_path(directory, retriever_id, r, size) for r in range(size)]
     start, stop = dist.shard_bounds(len(chunks), rank, size)
     tic = time.perf_counter()
@@ -304,9 +331,9 @@ def _build(model, retriever_id: str, chunks: np.ndarray, directory: Path, log, e
                 rows = everything[slice(*dist.shard_bounds(len(chunks), r, size))]
                 ckpt.atomic_write_with(p, lambda f, a=rows: np.save(f, a))
     if rank == 0 or not shared:
-        write_manifest(directory, retriever_id, retriever_id, len(chunks), dim, size)
+        write_manifest(directory, retriever_id, retriever_id, len(chunks), dim, size, fingerprint)
     dist.barrier()
-    return open_sharded(manifest_path(directory, retriever_id), retriever_id, len(chunks))
+    return open_sharded(manifest_path(directory, retriever_id), retriever_id, len(chunks), fingerprint=fingerprint)
 
 
 class ApproximateIndex:
@@ -316,15 +343,42 @@ class ApproximateIndex:
         self.kind, self.backend, self.shape = kind, backend, (num_rows, dim)
 
     def search(self, queries: mx.array, k: int) -> tuple[np.ndarray, np.ndarray]:
+        """Top-k scores and chunk ids [Q, min(k, N)], best first, as `search` gives.
+
+        The backends can find fewer than k: faiss IVF when the lists it probes hold fewer vectors, usearch HNSW
+        when k nears the index size. The slots they leave empty must never pass for chunks (faiss's id -1 would
+        index the last one), so those queries are searched again exhaustively (faiss probing every list, usearch
+        in its exact mode), which finds k."""
         q = np.ascontiguousarray(np.asarray(queries, dtype=np.float32))
         k = min(k, self.shape[0])
-        if self.kind == "faiss":
-            scores, ids = self.backend.search(q, k)
-            return scores.astype(np.float32), ids.astype(np.int64)
-        matches = self.backend.search(q, k)
-        ids = np.asarray(matches.keys, dtype=np.int64).reshape(len(q), -1)
-        scores = 1.0 - np.asarray(matches.distances, dtype=np.float32).reshape(len(q), -1)  # usearch "ip" = 1 - dot
+        scores, ids = self._search(q, k)
+        short = (ids < 0).any(axis=1)
+        if short.any():
+            scores[short], ids[short] = self._search(q[short], k, exhaustive=True)
         return scores, ids
+
+    def _search(self, q: np.ndarray, k: int, exhaustive: bool = False) -> tuple[np.ndarray, np.ndarray]:
+        """The backend's top-k as [Q, k] arrays, best first; a slot it left empty has id -1."""
+        if self.kind == "faiss":
+            import faiss
+
+            params = faiss.SearchParametersIVF(nprobe=self.backend.nlist) if exhaustive else None
+            scores, ids = self.backend.search(q, k, params=params)
+            return scores.astype(np.float32), ids.astype(np.int64)
+        return _usearch_results(self.backend.search(q, k, exact=exhaustive), k)
+
+
+def _usearch_results(matches, k: int) -> tuple[np.ndarray, np.ndarray]:
+    """usearch's matches as [Q, k] scores (its "ip" distance is 1 - dot) and ids, the slots past a query's count
+    of results given id -1 and score -inf: several queries give `BatchMatches` padded with id 0 and NaN, one
+    query a `Matches` of its results only."""
+    keys = np.atleast_2d(np.asarray(matches.keys, dtype=np.int64))
+    distances = np.atleast_2d(np.asarray(matches.distances, dtype=np.float32))
+    counts = np.atleast_1d(getattr(matches, "counts", keys.shape[1]))
+    width = ((0, 0), (0, k - keys.shape[1]))
+    keys, distances = np.pad(keys, width), np.pad(distances, width)
+    found = np.arange(k) < counts[:, None]
+    return 1.0 - np.where(found, distances, np.inf), np.where(found, keys, -1)
 
 
 def _faiss_build(emb: np.ndarray):
@@ -362,20 +416,21 @@ def load_or_build_approximate(
     log=print,
     recall_queries: np.ndarray | None = None,
     k: int = 10,
+    fingerprint: str | None = None,
 ) -> ApproximateIndex:
     """An approximate index of `embeddings`, read from `<name>.embedding.<kind>` (with a `.json` beside it) or
     built, cached and checked: it logs recall@k against exact search for `recall_queries` (default: 1,000
-    stored embeddings, each finding itself among others, so slightly optimistic)."""
+    stored embeddings, each finding itself among others, so slightly optimistic).
+
+    The cache is read only when its JSON names this retriever, number of chunks and `fingerprint` (the
+    `chunks_fingerprint` of the chunks embedded; unchecked when None), on every rank, or else built on every
+    rank (and written by rank 0)."""
     directory = Path(directory)
     emb = np.ascontiguousarray(np.asarray(embeddings, dtype=np.float32))
     path, meta_path = approximate_path(directory, name, kind), approximate_path(directory, name, kind + ".json")
-    if path.is_file() and meta_path.is_file():
-        import json
-
-        meta = json.loads(meta_path.read_text())
-        if meta.get("retriever") == retriever_id and meta.get("num_chunks") == len(emb):
-            return ApproximateIndex(kind, _approximate_read(kind, path, meta), len(emb), emb.shape[1])
-        log(f"warning: {path.name} belongs to another retriever or corpus; rebuilding")
+    backend = _read_approximate(kind, path, meta_path, retriever_id, len(emb), fingerprint, log)
+    if not dist.any_flag(backend is None):
+        return ApproximateIndex(kind, backend, len(emb), emb.shape[1])
     tic = time.perf_counter()
     backend, params = _faiss_build(emb) if kind == "faiss" else _usearch_build(emb)
     built = time.perf_counter() - tic
@@ -388,15 +443,33 @@ def load_or_build_approximate(
     meta = {
         "retriever": retriever_id,
         "num_chunks": len(emb),
+        "chunks_sha1": fingerprint,
         "kind": kind,
         "params": params,
         f"recall@{k}": recall,
         "build_seconds": built,
     }
     if dist.is_main():
+        meta_path.unlink(missing_ok=True)  # first: an index file is never paired with another build's JSON
         ckpt.atomic_write_path(path, lambda tmp: _approximate_write(kind, backend, tmp))
         ckpt.atomic_write_json(meta_path, meta)  # last: marks the cache complete
     return index
+
+
+def _read_approximate(
+    kind: str, path: Path, meta_path: Path, retriever_id: str, num_chunks: int, fingerprint: str | None, log
+):
+    """The cached backend at `path`, or None when absent, or (said in a warning) when its JSON is unreadable or
+    names another retriever or other chunks."""
+    if not (path.is_file() and meta_path.is_file()):
+        return None
+    try:
+        meta = json.loads(meta_path.read_text())
+        _check_source(meta, retriever_id, num_chunks, fingerprint)
+    except ValueError as e:  # json's errors included
+        log(f"warning: {path.name}: {e}; rebuilding")
+        return None
+    return _approximate_read(kind, path, meta)
 
 
 def _approximate_write(kind: str, backend, path: Path) -> None:

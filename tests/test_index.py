@@ -102,7 +102,7 @@ def test_interrupted_build_leaves_no_index_and_the_next_build_completes(tmp_path
     assert index.shape == (600, model.args.embedding_dim)
 
 
-def test_cache_of_another_retriever_or_corpus_is_rebuilt_and_legacy_single_file_is_read(tmp_path):
+def test_cache_of_another_retriever_or_corpus_is_rebuilt_and_legacy_single_file_is_rebuilt_once(tmp_path):
     from helpers import quiet, tiny_retriever
 
     import checkpoint as ckpt
@@ -113,14 +113,115 @@ def test_cache_of_another_retriever_or_corpus_is_rebuilt_and_legacy_single_file_
     logs = []
     chunk_index.load_or_build(model, "rid", chunks[:90], tmp_path, log=logs.append)
     assert any("another retriever or corpus" in line for line in logs) and any("embedded 90" in x for x in logs)
+    # An earlier version's single file records no fingerprint of its chunks: never served, built again once.
     emb = chunk_index.embed(model, chunks)
     ckpt.atomic_save_safetensors(
         chunk_index.index_path(tmp_path, "old"), {"embeddings": emb}, {"retriever": "old", "num_chunks": "100"}
     )
     logs = []
-    legacy = chunk_index.load_or_build(model, "old", chunks, tmp_path, log=logs.append)
-    assert logs == [] and isinstance(legacy, mx.array)
-    np.testing.assert_array_equal(np.array(legacy), np.array(emb))
+    rebuilt = chunk_index.load_or_build(model, "old", chunks, tmp_path, log=logs.append)
+    assert "old.embedding.safetensors records no fingerprint of its chunks" in logs[0] and "embedded 100" in logs[1]
+    np.testing.assert_allclose(np.asarray(rebuilt.to_array()), np.array(emb), rtol=1e-5, atol=1e-6)
+    logs = []
+    chunk_index.load_or_build(model, "old", chunks, tmp_path, log=logs.append)
+    assert logs == []
+
+
+def test_cache_of_other_chunks_of_the_same_number_is_rebuilt_exact_and_approximate(tmp_path):
+    """Re-chunking a corpus (another --context_size) keeps the tokenizer, hence the retriever, and can keep the
+    number of chunks: only the chunks' fingerprint tells the caches' embeddings apart from the new chunks'."""
+    pytest.importorskip("faiss")
+    from helpers import quiet, tiny_retriever
+
+    model = tiny_retriever(50)
+    old, new = random_chunks(120, seed=0), random_chunks(120, seed=1)
+    chunk_index.load_or_build(model, "rid", old, tmp_path, log=quiet, kind="faiss")
+    logs = []
+    approx = chunk_index.load_or_build(model, "rid", new, tmp_path, log=logs.append, kind="faiss")
+    assert "rid.embedding.json: was built from other chunks" in logs[0] and "embedded 120" in logs[1]
+    assert "rid.embedding.faiss: was built from other chunks" in logs[2] and "faiss IVFFlat" in logs[3]
+    emb = np.array(chunk_index.embed(model, new))
+    exact = chunk_index.load_or_build(model, "rid", new, tmp_path, log=quiet)
+    np.testing.assert_allclose(np.asarray(exact.to_array()), emb, rtol=1e-5, atol=1e-6)
+    _, ids = chunk_index.search(mx.array(emb[:5]), approx, 1)
+    assert ids[:, 0].tolist() == [0, 1, 2, 3, 4]  # the new chunks' own embeddings, not the old ones'
+
+
+def test_caches_written_without_a_chunk_fingerprint_are_rebuilt_once(tmp_path):
+    import json
+
+    pytest.importorskip("faiss")
+    from helpers import quiet, tiny_retriever
+
+    model = tiny_retriever(50)
+    chunks = random_chunks(120)
+    chunk_index.load_or_build(model, "rid", chunks, tmp_path, log=quiet, kind="faiss")
+    for meta_path in (tmp_path / "rid.embedding.json", tmp_path / "rid.embedding.faiss.json"):
+        meta = json.loads(meta_path.read_text())
+        assert meta.pop("chunks_sha1") == chunk_index.chunks_fingerprint(chunks)
+        meta_path.write_text(json.dumps(meta))  # as an earlier version wrote it
+    logs = []
+    chunk_index.load_or_build(model, "rid", chunks, tmp_path, log=logs.append, kind="faiss")
+    assert "rid.embedding.json: records no fingerprint of its chunks" in logs[0] and "embedded 120" in logs[1]
+    assert "rid.embedding.faiss: records no fingerprint of its chunks" in logs[2] and len(logs) == 4
+    logs = []
+    chunk_index.load_or_build(model, "rid", chunks, tmp_path, log=logs.append, kind="faiss")
+    assert logs == []
+
+
+def test_every_rank_builds_the_approximate_index_when_any_rank_must(tmp_path, monkeypatch):
+    pytest.importorskip("faiss")
+    emb = unit_rows(np.random.default_rng(0), 200, 16)
+    logs = []
+    chunk_index.load_or_build_approximate(emb, tmp_path, "rid", "rid", "faiss", log=logs.append)
+    chunk_index.load_or_build_approximate(emb, tmp_path, "rid", "rid", "faiss", log=logs.append)
+    assert len(logs) == 1, "alone, the second call reads the cache"
+    monkeypatch.setattr(chunk_index.dist, "any_flag", lambda flag: True)  # another rank's cache is stale
+    chunk_index.load_or_build_approximate(emb, tmp_path, "rid", "rid", "faiss", log=logs.append)
+    assert len(logs) == 2 and "faiss IVFFlat" in logs[1]
+
+
+def assert_real_top_k(scores: np.ndarray, ids: np.ndarray, queries: np.ndarray, emb: np.ndarray, k: int) -> None:
+    """Every id a real row, none repeated in a row, scores finite, the rows' inner products, best first."""
+    assert ids.shape == scores.shape == (len(queries), k) and ids.dtype == np.int64
+    assert ids.min() >= 0 and ids.max() < len(emb)
+    assert all(len(set(row.tolist())) == k for row in ids)
+    assert np.isfinite(scores).all() and (np.diff(scores, axis=1) <= 1e-6).all()
+    np.testing.assert_allclose(scores, np.einsum("qe,qke->qk", queries, emb[ids]), rtol=1e-4, atol=1e-5)
+
+
+def test_faiss_queries_whose_probed_lists_hold_fewer_than_k_are_searched_exhaustively(tmp_path):
+    pytest.importorskip("faiss")
+    rng = np.random.default_rng(0)
+    centres = rng.standard_normal((40, 16))
+    emb = (centres[rng.integers(0, 40, 1000)] + 0.3 * rng.standard_normal((1000, 16))).astype(np.float32)
+    emb /= np.linalg.norm(emb, axis=1, keepdims=True)
+    index = chunk_index.load_or_build_approximate(emb, tmp_path, "rid", "rid", "faiss", log=lambda _: None)
+    queries = emb[:200]
+    short = (index.backend.search(queries, 300)[1] < 0).any(axis=1)  # faiss pads these with id -1
+    assert short.sum() > 10
+    scores, ids = chunk_index.search(mx.array(queries), index, 300)
+    assert_real_top_k(scores, ids, queries, emb, 300)
+    _, exact = brute_force(queries[short], emb, 300)
+    np.testing.assert_array_equal(ids[short], exact)  # every list probed: the exact top-k
+
+
+def test_usearch_queries_with_fewer_than_k_found_are_searched_exactly():
+    pytest.importorskip("usearch")
+    from usearch.index import Index
+
+    emb = unit_rows(np.random.default_rng(0), 300, 16)
+    # A sparse graph built on one thread: deterministic, and its search misses a few vectors when k = N.
+    backend = Index(ndim=16, metric="ip", dtype="f32", connectivity=2, expansion_add=128, expansion_search=64)
+    backend.add(np.arange(300, dtype=np.uint64), emb, threads=1)
+    index = chunk_index.ApproximateIndex("usearch", backend, 300, 16)
+    # several queries (usearch pads a short one with id 0 and NaN) and one (it returns fewer than k)
+    for queries in (emb[:50], emb[:1]):
+        found = backend.search(queries, 300)
+        assert (np.asarray(getattr(found, "counts", [len(found.keys)])) < 300).all()
+        scores, ids = chunk_index.search(mx.array(queries), index, 300)
+        assert_real_top_k(scores, ids, queries, emb, 300)
+        np.testing.assert_array_equal(np.sort(ids, axis=1), np.broadcast_to(np.arange(300), ids.shape))
 
 
 def test_in_training_evaluation_on_a_sample_keeps_every_labelled_chunk(tmp_path):
