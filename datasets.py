@@ -4,7 +4,7 @@ This module's name shadows the Hugging Face `datasets` package inside the projec
 package imports it through `readers.import_hf_datasets()`, which does so on purpose.
 
 Cache layout (`<to_dir>`, default `<save_dir>/dataset`), written into a temporary folder and swapped in whole,
-so a failed run never touches a prepared cache:
+so a failed run never touches a prepared cache (and a folder holding anything else is never replaced):
     meta.json           sizes, special ids, tokenizer sha1, the fingerprint of the inputs, statistics
     tokenizer.model     SentencePiece BPE model (PAD=0, UNK=1, BOS=2, EOS=3)
     documents.json      [{"id", "title"}] in chunk order
@@ -40,10 +40,20 @@ from metrics import normalize_answer
 from records import Document, QAPair, split_of
 
 PAD_ID, UNK_ID, BOS_ID, EOS_ID = 0, 1, 2, 3
-FORMAT_VERSION = 1
+# 2: a word before punctuation at a chunk boundary keeps its answer label; a long answer keeps its EOS.
+FORMAT_VERSION = 2
 MAX_QUESTION_TOKENS = 48
 MAX_ANSWER_TOKENS = 32
 MAX_EXPANDED_TOKENS = 64  # a whole sentence, when answers are expanded
+# SentencePiece skips training sentences over 4,192 bytes (max_sentence_length); longer lines go in in pieces.
+MAX_SENTENCE_BYTES = 4000
+EXPANSIONS_FILE = "expansions.json"
+ARRAYS = ("chunks", "chunk_doc", "chunk_offset", "questions", "answers", "pos_offsets", "pos_chunks")
+# Everything a cache folder may hold (macOS Finder's .DS_Store is no loss): a rebuild replaces no other folder.
+CACHE_FILES = frozenset(
+    {"meta.json", "tokenizer.model", "documents.json", "qa.json", EXPANSIONS_FILE, ".DS_Store"}
+    | {f"{name}.npy" for name in ARRAYS}
+)
 
 
 class DatasetError(ValueError):
@@ -86,16 +96,28 @@ def read_corpus(spec: SourceSpec, log=print) -> tuple[list[Document], list[QAPai
     return docs, qa
 
 
+def utf8_pieces(line: str, max_bytes: int = MAX_SENTENCE_BYTES) -> list[str]:
+    """`line` cut into pieces of at most `max_bytes` UTF-8 bytes, each ending on a character boundary. Bytes, not
+    characters: a 3-byte script (CJK) passes SentencePiece's byte limit from ~1,400 characters."""
+    data = line.encode("utf-8")
+    pieces, start = [], 0
+    while start < len(data):
+        end = min(start + max_bytes, len(data))
+        while end < len(data) and data[end] & 0xC0 == 0x80:  # a continuation byte: back to the character's start
+            end -= 1
+        pieces.append(data[start:end].decode("utf-8"))
+        start = end
+    return pieces
+
+
 def train_tokenizer(texts: list[str], vocab_size: int, seed: int = 0) -> bytes:
     """Train a SentencePiece BPE model in memory and return its bytes."""
 
     def sentences():
         for text in texts:
             for line in text.split("\n"):
-                line = line.strip()
                 # SentencePiece skips lines over its byte limit; feed long lines in pieces instead.
-                for i in range(0, len(line), 2000):
-                    yield line[i : i + 2000]
+                yield from utf8_pieces(line.strip())
 
     model = io.BytesIO()
     try:
@@ -148,17 +170,26 @@ def chunk_documents(doc_tokens: list[list[int]], context_size: int) -> tuple[np.
     return chunks, chunk_doc, chunk_offset
 
 
+def _cuts_word(before: str, after: str) -> bool:
+    """Whether a chunk boundary between these two pieces falls inside a word: a letter or digit on both sides, and
+    `after` does not start a new word ("\u2581"). A boundary between a word and its "." or "," cuts nothing."""
+    return before[-1:].isalnum() and after[:1].isalnum()
+
+
 def whole_word_texts(sp: spm.SentencePieceProcessor, chunks: np.ndarray, chunk_doc: np.ndarray) -> list[str]:
     """Each chunk's text without the word pieces cut by a chunk boundary, for answer matching: a window that
     ends in "cat" of "catalogue" must not count as containing the answer "cat"."""
-    starts_word = np.array([sp.id_to_piece(int(t)).startswith("\u2581") for t in chunks[:, 0]])
+    lengths = np.count_nonzero(chunks != PAD_ID, axis=1)
+    first = [sp.id_to_piece(int(row[0])) if n else "" for row, n in zip(chunks, lengths)]
+    last = [sp.id_to_piece(int(row[n - 1])) if n else "" for row, n in zip(chunks, lengths)]
+    cut = [chunk_doc[c] == chunk_doc[c + 1] and _cuts_word(last[c], first[c + 1]) for c in range(len(chunks) - 1)]
     texts = []
     for c, row in enumerate(chunks):
         pieces = [sp.id_to_piece(int(t)) for t in row[row != PAD_ID]]
-        if not starts_word[c]:  # drop the tail of a word begun in the previous chunk
+        if c > 0 and cut[c - 1]:  # drop the tail of a word begun in the previous chunk
             while pieces and not pieces[0].startswith("\u2581"):
                 pieces.pop(0)
-        if c + 1 < len(chunks) and chunk_doc[c + 1] == chunk_doc[c] and not starts_word[c + 1]:
+        if c < len(cut) and cut[c]:
             while pieces and not pieces[-1].startswith("\u2581"):
                 pieces.pop()
             if pieces:
@@ -199,15 +230,21 @@ def label_answers(
     return labels
 
 
+def _clip(rows: list[list[int]], limit: int, what: str, log=print) -> list[list[int]]:
+    """`rows` cut to `limit` tokens, with one warning counting the rows cut (silently, a cut answer would lose
+    its EOS and teach the generator an answer that never ends)."""
+    cut = sum(len(r) > limit for r in rows)
+    if cut:
+        log(f"warning: {cut:,} of {len(rows):,} {what} are longer than {limit} tokens and were cut to {limit}")
+    return [r[:limit] for r in rows]
+
+
 def _pad_rows(rows: list[list[int]], width: int) -> np.ndarray:
     out = np.full((len(rows), width), PAD_ID, dtype=np.int32)
     for i, r in enumerate(rows):
         r = r[:width]
         out[i, : len(r)] = r
     return out
-
-
-EXPANSIONS_FILE = "expansions.json"
 
 
 def read_expansions(to_dir: Path, log=print) -> dict[str, dict[str, dict]]:
@@ -271,14 +308,54 @@ def fingerprint(spec: SourceSpec, vocab_size: int, context_size: int) -> str:
 
 
 def source_files_signature(path: str | Path) -> str:
-    """A hash of every source file's relative path, size and mtime, so edited data is re-read."""
+    """A hash of every source file's relative path, size and mtime, so edited data is re-read. Symlinked folders
+    are followed as the folder reader follows them; paths are hashed as bytes, since a file name need not be UTF-8."""
+    import readers
+
     path = Path(path)
-    files = [path] if path.is_file() else sorted(p for p in path.rglob("*") if p.is_file()) if path.is_dir() else []
+    files = [path] if path.is_file() else []
+    if path.is_dir():
+        found = (Path(folder) / name for folder, _, names in readers.walk_once(path) for name in names)
+        files = sorted(f for f in found if f.is_file())
     h = hashlib.sha1()
     for f in files:
         st = f.stat()
-        h.update(f"{f.relative_to(path) if f != path else f.name}\0{st.st_size}\0{st.st_mtime_ns}\n".encode())
+        name = os.fsencode(f.relative_to(path) if f != path else f.name)
+        h.update(name + f"\0{st.st_size}\0{st.st_mtime_ns}\n".encode())
     return h.hexdigest()
+
+
+def _check_replaceable(to_dir: Path) -> None:
+    """Refuse a --to_dir that holds anything but a dataset cache's own files: a build swaps in a whole new folder,
+    so a --to_dir equal to --save_dir (or above it) would delete the checkpoints beside the cache."""
+    if not to_dir.exists():
+        return
+    if not to_dir.is_dir():
+        raise DatasetError(f"--to_dir {to_dir}: exists and is not a folder; choose an empty or new folder")
+    foreign = sorted(p.name for p in to_dir.iterdir() if p.name not in CACHE_FILES)
+    if foreign:
+        shown = ", ".join(foreign[:3]) + (", ..." if len(foreign) > 3 else "")
+        raise DatasetError(
+            f"--to_dir {to_dir}: holds {shown} besides a dataset cache, and a build replaces the whole folder; "
+            "choose an empty or new folder (the default is SAVE_DIR/dataset)"
+        )
+
+
+def _up_to_date(to_dir: Path, fp: str, log=print) -> bool:
+    """Whether `to_dir` holds a complete cache of the inputs with fingerprint `fp`. One with a file missing or
+    damaged is rebuilt, with a note: reusing it would fail at load, advising this very build."""
+    try:
+        meta = json.loads((to_dir / "meta.json").read_text())
+    except (OSError, ValueError):
+        return False  # no cache, or an unreadable meta.json: build
+    if not isinstance(meta, dict) or meta.get("fingerprint") != fp:
+        return False
+    try:
+        _open_cache(to_dir)
+    except (OSError, ValueError, KeyError) as e:
+        log(f"dataset: {to_dir} is incomplete or damaged ({e}); rebuilding it")
+        return False
+    return True
 
 
 def build_dataset(
@@ -290,18 +367,11 @@ def build_dataset(
     if vocab_size < 64:
         raise DatasetError(f"--vocab_size must be at least 64, got {vocab_size}")
     to_dir = Path(to_dir)
-    if to_dir.exists() and not (to_dir / "meta.json").is_file() and (not to_dir.is_dir() or any(to_dir.iterdir())):
-        # Never replace something that is not ours: the swap below removes the old folder.
-        raise DatasetError(f"--to_dir {to_dir}: exists and is not a dataset cache; choose an empty or new folder")
     fp = fingerprint(spec, vocab_size, context_size)
-    meta_path = to_dir / "meta.json"
-    if not force and meta_path.is_file():
-        try:
-            if json.loads(meta_path.read_text()).get("fingerprint") == fp:
-                log(f"dataset: {to_dir} is up to date")
-                return to_dir
-        except (OSError, json.JSONDecodeError):
-            pass  # unreadable meta: rebuild
+    if not force and _up_to_date(to_dir, fp, log):
+        log(f"dataset: {to_dir} is up to date")
+        return to_dir
+    _check_replaceable(to_dir)  # before reading the corpus, so a refusal comes at once
     docs, qa = read_corpus(spec, log)
     docs = [d for d in docs if d.text.strip()]
     if not docs:
@@ -314,6 +384,9 @@ def build_dataset(
     sp = spm.SentencePieceProcessor(model_proto=model_bytes)
 
     doc_tokens = sp.encode([d.text for d in docs], num_threads=os.cpu_count() or 1)
+    docs, doc_tokens = _drop_tokenless(docs, doc_tokens, log)
+    if not docs:
+        raise DatasetError(f"--data {spec.data}: no document has any tokens")
     chunks, chunk_doc, chunk_offset = chunk_documents(doc_tokens, context_size)
     chunk_texts = whole_word_texts(sp, chunks, chunk_doc)
     doc_index = {d.id: i for i, d in enumerate(docs)}
@@ -323,19 +396,19 @@ def build_dataset(
     if len(keep) < len(qa):
         log(f"warning: {len(qa) - len(keep)} questions have no tokens and were dropped")
     qa = [qa[i] for i in keep]
-    q_tokens = [q_tokens[i] for i in keep]
+    q_tokens = _clip([q_tokens[i] for i in keep], MAX_QUESTION_TOKENS, "questions", log)
     expanded = None if expanded is None else [expanded[i] for i in keep]
     targets = expanded if expanded is not None else [q.answers[0] for q in qa]
-    a_tokens = [t + [EOS_ID] for t in sp.encode(targets)] if qa else []
+    a_limit = MAX_ANSWER_TOKENS if expanded is None else MAX_EXPANDED_TOKENS
+    a_tokens = _clip(sp.encode(targets), a_limit - 1, "answers (before their EOS)", log) if qa else []
+    a_tokens = [t + [EOS_ID] for t in a_tokens]
     labels = label_answers(chunk_texts, chunk_doc, qa, doc_index)
     no_answer = sum(1 for chunks_of_q in labels if not chunks_of_q)
     if no_answer:
         log(f"warning: {no_answer:,} of {len(qa):,} questions have their answer in no chunk (kept, counted as misses)")
 
-    q_width = min(MAX_QUESTION_TOKENS, max((len(t) for t in q_tokens), default=1))
-    a_width = min(
-        MAX_ANSWER_TOKENS if expanded is None else MAX_EXPANDED_TOKENS, max((len(t) for t in a_tokens), default=1)
-    )
+    q_width = max((len(t) for t in q_tokens), default=1)
+    a_width = max((len(t) for t in a_tokens), default=1)
     splits = [split_of(q.id) for q in qa]
     pos_offsets = np.zeros(len(qa) + 1, dtype=np.int64)
     pos_offsets[1:] = np.cumsum([len(chunks_of_q) for chunks_of_q in labels])
@@ -376,8 +449,19 @@ def build_dataset(
     return to_dir
 
 
+def _drop_tokenless(docs: list[Document], doc_tokens: list[list[int]], log=print) -> tuple[list, list]:
+    """Documents that encode to no tokens (only characters SentencePiece normalises away, such as zero-width
+    spaces) left out with a warning counting them: each would be a chunk of PAD only."""
+    keep = [i for i, t in enumerate(doc_tokens) if t]
+    if len(keep) < len(docs):
+        log(f"warning: {len(docs) - len(keep)} documents have no tokens and were dropped")
+    return [docs[i] for i in keep], [doc_tokens[i] for i in keep]
+
+
 def _write_cache(to_dir: Path, meta, model_bytes, docs, qa, splits, arrays, expanded=None, expansions=None) -> None:
-    """Write everything into a temporary sibling folder, fsync it, then swap it in whole."""
+    """Write everything into a temporary sibling folder, fsync it, then swap it in whole. A symlinked `to_dir` is
+    resolved first: the swap replaces the folder it points to and keeps the link."""
+    to_dir = to_dir.resolve()
     to_dir.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=".tmp-" + to_dir.name + "-", dir=to_dir.parent))
     try:
@@ -413,30 +497,55 @@ def _write_cache(to_dir: Path, meta, model_bytes, docs, qa, splits, arrays, expa
             shutil.rmtree(tmp, ignore_errors=True)
 
 
+def _open_cache(path: Path) -> tuple[dict, list, list, dict[str, np.ndarray]]:
+    """(meta, documents, qa, arrays) of the cache in `path`, the arrays memory-mapped, so that this is cheap: every
+    file must be there, the tokenizer must match its sha1 and the arrays' shapes meta.json's sizes. Raises OSError,
+    ValueError or KeyError saying what is missing or wrong."""
+    meta = json.loads((path / "meta.json").read_text())
+    documents = json.loads((path / "documents.json").read_text())
+    qa = json.loads((path / "qa.json").read_text())
+    if hashlib.sha1((path / "tokenizer.model").read_bytes()).hexdigest() != meta["tokenizer_sha1"]:
+        raise ValueError("tokenizer.model does not match meta.json")
+    arrays = {name: np.load(path / f"{name}.npy", mmap_mode="r", allow_pickle=False) for name in ARRAYS}
+    n_chunks, n_qa = meta["num_chunks"], meta["num_qa"]
+    shapes = {
+        "chunks": (n_chunks, meta["context_size"]),
+        "chunk_doc": (n_chunks,),
+        "chunk_offset": (n_chunks,),
+        "questions": (n_qa, meta["question_tokens"]),
+        "answers": (n_qa, meta["answer_tokens"]),
+        "pos_offsets": (n_qa + 1,),
+    }
+    for name, shape in shapes.items():
+        if arrays[name].shape != shape:
+            raise ValueError(f"{name}.npy has shape {arrays[name].shape}, meta.json says {shape}")
+    if len(arrays["pos_chunks"]) != arrays["pos_offsets"][-1]:
+        raise ValueError("pos_chunks.npy does not match pos_offsets.npy")
+    if (len(documents), len(qa)) != (meta["num_documents"], n_qa):
+        raise ValueError("documents.json or qa.json does not match meta.json")
+    return meta, documents, qa, arrays
+
+
 class Dataset:
     """A prepared cache, memory-mapped: nothing is re-tokenised."""
 
     def __init__(self, path: str | Path):
         self.path = Path(path)
-        meta_path = self.path / "meta.json"
-        if not meta_path.is_file():
+        if not (self.path / "meta.json").is_file():
             raise DatasetError(f"{self.path}: no prepared dataset (meta.json missing); run --target dataset first")
         try:
-            self.meta = json.loads(meta_path.read_text())
-            self.documents = json.loads((self.path / "documents.json").read_text())
-            self.qa = json.loads((self.path / "qa.json").read_text())
-            load = lambda n: np.load(self.path / f"{n}.npy", mmap_mode="r", allow_pickle=False)  # noqa: E731
-            self.chunks = load("chunks")
-            self.chunk_doc = load("chunk_doc")
-            self.chunk_offset = load("chunk_offset")
-            self.questions = load("questions")
-            self.answers = load("answers")
-            self.pos_offsets = np.asarray(load("pos_offsets"))
-            self.pos_chunks = np.asarray(load("pos_chunks"))
-        except (OSError, ValueError) as e:
+            self.meta, self.documents, self.qa, arrays = _open_cache(self.path)
+        except (OSError, ValueError, KeyError) as e:
             raise DatasetError(
                 f"{self.path}: unreadable dataset cache ({e}); rebuild it with --target dataset"
             ) from None
+        self.chunks = arrays["chunks"]
+        self.chunk_doc = arrays["chunk_doc"]
+        self.chunk_offset = arrays["chunk_offset"]
+        self.questions = arrays["questions"]
+        self.answers = arrays["answers"]
+        self.pos_offsets = np.asarray(arrays["pos_offsets"])
+        self.pos_chunks = np.asarray(arrays["pos_chunks"])
         self.tokenizer = load_tokenizer(self.path / "tokenizer.model")
         self.splits = np.array([q["split"] for q in self.qa])
 
@@ -468,13 +577,6 @@ class Dataset:
 
     def chunk_title(self, c: int) -> str:
         return self.documents[int(self.chunk_doc[c])]["title"]
-
-    def encode_question(self, text: str) -> np.ndarray:
-        """Tokenise a user's question to the stored width; an error if it has no tokens."""
-        tokens = self.tokenizer.encode(text)
-        if not tokens:
-            raise DatasetError("the question has no tokens")
-        return _pad_rows([tokens], self.questions.shape[1])[0]
 
     def decode(self, tokens) -> str:
         return self.tokenizer.decode([int(t) for t in tokens if t not in (PAD_ID, EOS_ID, BOS_ID)])

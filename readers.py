@@ -32,6 +32,8 @@ TRIVIAQA_DOMAINS = ("wikipedia", "web")
 # Evidence lists in a TriviaQA question and the evidence folder / document-id prefix each points into.
 _TRIVIAQA_EVIDENCE = (("EntityPages", "wikipedia"), ("SearchResults", "web"))
 _HEADING = re.compile(r"^ {0,3}#{1,6}[ \t]+(.+?)(?:[ \t]+#+)?[ \t]*$", re.MULTILINE)
+_SURROGATE_ESCAPE = re.compile(r"\\u[dD][89a-fA-F]")  # a JSON escape of a UTF-16 surrogate, paired or not
+_SURROGATE = re.compile("[\ud800-\udfff]")  # left in a str only by a lone escape: a pair decodes to one character
 
 
 class DataError(ValueError):
@@ -56,14 +58,16 @@ class ReadReport:
     missing_evidence: int = 0
     unknown_doc_ids: int = 0
     duplicate_questions: int = 0
+    repaired_text: int = 0
     messages: list[str] = field(default_factory=list)
     messages_dropped: int = 0
     max_messages: int = 50
 
     def warn(self, message: str) -> None:
-        """Keep a warning; past `max_messages` only count it, so a broken corpus cannot flood the log."""
+        """Keep a warning; past `max_messages` only count it, so a broken corpus cannot flood the log. A path in it
+        with bytes that are not UTF-8 is shown with escapes, so that printing the warning cannot fail."""
         if len(self.messages) < self.max_messages:
-            self.messages.append(message)
+            self.messages.append(message.encode("utf-8", "backslashreplace").decode("utf-8"))
         else:
             self.messages_dropped += 1
 
@@ -82,6 +86,7 @@ class ReadReport:
             (self.missing_evidence, "evidence files missing"),
             (self.unknown_doc_ids, "unknown doc ids dropped"),
             (self.duplicate_questions, "duplicate question ids"),
+            (self.repaired_text, "texts with invalid Unicode repaired"),
         ]
         found = [f"{n} {what}" for n, what in problems if n]
         if found:
@@ -121,9 +126,37 @@ def _load_json(path: Path, report: ReadReport) -> Any:
     except OSError as e:
         raise DataError(f"{path}: cannot read ({e.strerror or e})") from None
     try:
-        return json.loads(text)
+        data = json.loads(text)
     except json.JSONDecodeError as e:
         raise DataError(f"{path}: not valid JSON ({e.msg} at line {e.lineno}, column {e.colno})") from None
+    return _repair_surrogates(data, text, str(path), report)
+
+
+def _repair_surrogates(data: Any, text: str, where: str, report: ReadReport) -> Any:
+    """`data` parsed from the JSON `text`, with every lone surrogate ("\\ud83d" escaped alone, often half an emoji)
+    replaced by U+FFFD. A lone surrogate is not a character: hashing, SentencePiece and printing all fail on it, so
+    it is repaired where it enters, as undecodable bytes in a file are; each repaired string is counted."""
+    if not _SURROGATE_ESCAPE.search(text):  # the only way a surrogate gets into parsed JSON: skip the walk
+        return data
+    repaired = 0
+
+    def repair(value: Any) -> Any:
+        nonlocal repaired
+        if isinstance(value, str):
+            fixed = _SURROGATE.sub("\ufffd", value)
+            repaired += fixed != value
+            return fixed
+        if isinstance(value, list):
+            return [repair(v) for v in value]
+        if isinstance(value, dict):
+            return {repair(k): repair(v) for k, v in value.items()}
+        return value
+
+    data = repair(data)
+    if repaired:
+        report.repaired_text += repaired
+        report.warn(f"{where}: {repaired} strings with a lone surrogate escape (not Unicode); repaired with U+FFFD")
+    return data
 
 
 def _answers(values: Iterable[Any]) -> list[str]:
@@ -543,15 +576,37 @@ def read_squad(path: str | os.PathLike, documents: str = "paragraphs", max_quest
 # ------------------------------------------------------------------------------------------------ folder
 
 
+def walk_once(root: str | os.PathLike) -> Iterator[tuple[str, list[str], list[str]]]:
+    """`os.walk(root)` following symlinked folders, but entering each real folder once: a link back up the tree
+    cannot loop, and a folder linked twice is read once, through the first path in sorted order. As with os.walk,
+    a caller may prune the subfolder list in place."""
+    seen: set[tuple[int, int]] = set()
+    for folder, subdirs, files in os.walk(root, followlinks=True):
+        st = os.stat(folder)
+        if (st.st_dev, st.st_ino) in seen:
+            subdirs[:] = []
+            continue
+        seen.add((st.st_dev, st.st_ino))
+        subdirs.sort()
+        yield folder, subdirs, files
+
+
 def _text_files(root: Path) -> list[Path]:
-    """*.txt and *.md under root, recursively, sorted by relative path; hidden files and folders left out."""
+    """*.txt and *.md under root, recursively (through symlinked folders too), sorted by relative path; hidden
+    files and folders left out."""
     found = []
-    for folder, subdirs, files in os.walk(root):
+    for folder, subdirs, files in walk_once(root):
         subdirs[:] = [d for d in subdirs if not d.startswith(".")]
         for name in files:
             if not name.startswith(".") and name.lower().endswith((".txt", ".md")):
                 found.append(Path(folder) / name)
     return sorted(found, key=lambda p: p.relative_to(root).as_posix())
+
+
+def _path_text(path: str) -> str:
+    """A file path as valid text: bytes of a name that are not UTF-8 (which Python keeps as lone surrogates, that
+    nothing downstream can encode) become \\xNN escapes, so the name stays unique and printable."""
+    return os.fsencode(path).decode("utf-8", "backslashreplace")
 
 
 def _title(text: str, path: Path) -> str:
@@ -568,14 +623,16 @@ def _read_qa_jsonl(path: Path, doc_ids: set[str], report: ReadReport, max_questi
     report.files_read += 1
     qa: list[QAPair] = []
     seen: set[str] = set()
-    for lineno, line in enumerate(text.splitlines(), start=1):
+    # Lines end at "\n" only: str.splitlines() also splits at U+2028, U+0085 and others that JSON strings may hold.
+    for lineno, line in enumerate(text.split("\n"), start=1):
         if max_questions is not None and len(qa) >= max_questions:
             break
+        line = line.removesuffix("\r")
         if not line.strip():
             continue
         where = f"{path}:{lineno}"
         try:
-            obj = json.loads(line)
+            obj = _repair_surrogates(json.loads(line), line, where, report)
         except json.JSONDecodeError as e:
             report.malformed += 1
             report.warn(f"{where}: bad JSON ({e.msg})")
@@ -647,7 +704,12 @@ def read_folder(
             report.empty_documents += 1
             report.warn(f"{path}: empty document; skipped")
             continue
-        docs.append(Document(id=path.relative_to(root).as_posix(), title=_title(text, path), text=text))
+        name = path.relative_to(root).as_posix()
+        doc_id = _path_text(name)
+        if doc_id != name:
+            report.repaired_text += 1
+            report.warn(f"{path}: file name is not valid UTF-8; its document id is {doc_id!r}")
+        docs.append(Document(id=doc_id, title=_title(text, Path(doc_id)), text=text))
     if qa_path is not None:
         qa_file = Path(qa_path)
         if not qa_file.is_file():

@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 
 import numpy as np
 import pytest
+import sentencepiece as spm
 
 from helpers import VOCAB, build_builtin, file_bytes, quiet
 
@@ -59,6 +61,26 @@ def test_tokenizer_byte_fallback_never_emits_unk(built):
     ids = sp.encode(text)
     assert D.UNK_ID not in ids
     assert sp.decode(ids) == text
+
+
+def test_long_lines_of_a_three_byte_script_train_the_tokenizer():
+    """A line of 1,500 CJK characters is 4,500 UTF-8 bytes: cut by characters (2,000 a piece) SentencePiece skipped
+    it whole, over its 4,192-byte limit, and its characters were left to byte fallback."""
+    rng = np.random.default_rng(0)
+    hanzi = [chr(0x4E00 + i) for i in range(40)]
+    lines = ["".join(rng.choice(hanzi, 1500)) for _ in range(3)]
+    docs, _ = corpus_docs(10)
+    sp = spm.SentencePieceProcessor(model_proto=D.train_tokenizer(lines + [d.text for d in docs], VOCAB))
+    assert [c for c in hanzi if sp.piece_to_id(c) == D.UNK_ID] == []
+
+
+def test_utf8_pieces_cut_by_bytes_on_character_boundaries():
+    line = "a" * 3999 + "\u6771" + "\U0001f600" * 1500 + "b"
+    pieces = D.utf8_pieces(line)
+    assert "".join(pieces) == line
+    assert all(0 < len(p.encode("utf-8")) <= D.MAX_SENTENCE_BYTES for p in pieces)
+    assert pieces[0] == "a" * 3999  # the 3-byte character would straddle the limit: it starts the next piece
+    assert D.utf8_pieces("") == [] and D.utf8_pieces("short") == ["short"]
 
 
 # ------------------------------------------------------------------ chunking
@@ -128,6 +150,25 @@ def hand_chunks():
     chunk_doc = np.array([0, 0, 1, 2], dtype=np.int32)
     doc_index = {"alice": 0, "bob": 1, "carol": 2}
     return chunk_texts, chunk_doc, doc_index
+
+
+def split_in_two(sp, text: str, at) -> list[str]:
+    """whole_word_texts of `text` as two chunks of one document, the second starting at piece index `at(pieces)`."""
+    tokens = sp.encode(text)
+    k = at([sp.id_to_piece(t) for t in tokens])
+    chunks = np.full((2, len(tokens)), D.PAD_ID, dtype=np.int32)
+    chunks[0, :k], chunks[1, : len(tokens) - k] = tokens[:k], tokens[k:]
+    return D.whole_word_texts(sp, chunks, np.zeros(2, dtype=np.int32))
+
+
+def test_boundary_before_punctuation_cuts_no_word(built):
+    """A boundary between a word and its "." leaves the word whole: it used to be dropped as if cut, and with it
+    the answer label of every question whose answer ends a sentence there."""
+    first, second = split_in_two(built.tokenizer, "She was born in Dekuham. Later she moved.", lambda p: p.index("."))
+    assert (first, second) == ("She was born in Dekuham", ". Later she moved.")
+    # A boundary inside a word still drops both of its halves.
+    first, second = split_in_two(built.tokenizer, "A catalogue of maps.", lambda p: p.index("\u2581c") + 1)
+    assert (first, second) == ("A", "of maps.")
 
 
 def test_label_answers_hand_checked():
@@ -221,6 +262,50 @@ def test_word_cut_at_chunk_boundary_is_not_an_answer(tmp_path):
     assert false_positives == []
 
 
+def test_long_answers_keep_their_eos_and_cuts_are_counted(tmp_path):
+    """An answer longer than the answer width is cut before its EOS, never through it (a target that never ends),
+    and the cut answers and questions are counted in one warning each."""
+    long_answer = " ".join(["the long winding road past the old mill and the river"] * 6)
+    long_question = "Where " + "and where " * 40 + "did Alice Harrow work?"
+    qa = HAND_QA + [
+        {"id": "q5", "question": "Which road?", "answers": [long_answer], "doc_ids": ["alice.txt"]},
+        {"id": "q6", "question": long_question, "answers": ["botanist"], "doc_ids": ["alice.txt"]},
+    ]
+    src = write_folder(tmp_path / "src", HAND_DOCS, qa)
+    logs = []
+    D.build_dataset(D.SourceSpec(data="folder", from_dir=str(src)), tmp_path / "ds", 400, 16, log=logs.append)
+    data = D.Dataset(tmp_path / "ds")
+    assert data.answers.shape[1] == D.MAX_ANSWER_TOKENS and data.questions.shape[1] == D.MAX_QUESTION_TOKENS
+    for row in np.asarray(data.answers):
+        assert row[row != D.PAD_ID][-1] == D.EOS_ID
+    i = [x["id"] for x in data.qa].index("q5")
+    assert long_answer.startswith(data.decode(data.answers[i]))
+    assert any("1 of 6 answers" in m and "cut" in m for m in logs)
+    assert any("1 of 6 questions" in m and "cut" in m for m in logs)
+
+
+def test_documents_without_tokens_are_dropped(tmp_path):
+    """A document of characters SentencePiece normalises away (zero-width spaces, control characters) has text but
+    no tokens: it is dropped and counted instead of becoming a chunk of PAD only."""
+    src = write_folder(tmp_path / "src", HAND_DOCS | {"zero.txt": "\u200b\x01\x02\u200b"}, HAND_QA)
+    logs = []
+    D.build_dataset(D.SourceSpec(data="folder", from_dir=str(src)), tmp_path / "ds", 400, 16, log=logs.append)
+    data = D.Dataset(tmp_path / "ds")
+    assert [d["id"] for d in data.documents] == ["alice.txt", "bob.txt", "carol.txt"]
+    assert np.all(np.asarray(data.chunks)[:, 0] != D.PAD_ID)
+    assert any("1 documents have no tokens" in m for m in logs)
+
+
+def test_lone_surrogate_in_a_question_builds(tmp_path):
+    """A question with "\\ud83d" escaped alone (half an emoji) is repaired by the reader, not a traceback at
+    hashing or a SentencePiece error that blames --vocab_size."""
+    src = write_folder(tmp_path / "src", HAND_DOCS, HAND_QA)
+    with open(src / "qa.jsonl", "a") as f:
+        f.write('{"question": "Where did Carol Vance \\ud83d keep her cat?", "answers": ["shop"]}\n')
+    D.build_dataset(D.SourceSpec(data="folder", from_dir=str(src)), tmp_path / "ds", 400, 16, log=quiet)
+    assert D.Dataset(tmp_path / "ds").qa[-1]["question"] == "Where did Carol Vance \ufffd keep her cat?"
+
+
 # ------------------------------------------------------------------ the cache
 
 
@@ -311,6 +396,88 @@ def test_build_refuses_to_replace_a_folder_that_is_not_a_cache(tmp_path):
     except D.DatasetError:
         pass  # refusing is fine
     assert (to / "precious.txt").read_text() == "do not delete"
+
+
+def test_build_never_replaces_a_folder_holding_more_than_a_cache(tmp_path):
+    """--to_dir equal to --save_dir (or above it): a rebuild swaps in a whole new folder, which would delete the
+    checkpoints beside the cache. It is refused, naming --to_dir; an up-to-date cache there is still reused."""
+    save = tmp_path / "run"
+    build_builtin(save, corpus_size=20)  # a new folder is fine
+    (save / "checkpoints").mkdir()
+    (save / "checkpoints" / "retriever.safetensors").write_text("weights")
+    logs = []
+    D.build_dataset(D.SourceSpec(corpus_size=20), save, VOCAB, 32, log=logs.append)
+    assert any("up to date" in m for m in logs)
+    with pytest.raises(D.DatasetError, match=r"^--to_dir .*run: holds checkpoints besides a dataset cache"):
+        D.build_dataset(D.SourceSpec(corpus_size=20), save, VOCAB, 48, log=quiet)
+    with pytest.raises(D.DatasetError, match="^--to_dir"):  # the folder above it
+        D.build_dataset(D.SourceSpec(corpus_size=20), tmp_path, VOCAB, 32, log=quiet)
+    assert (save / "checkpoints" / "retriever.safetensors").read_text() == "weights"
+    assert D.Dataset(save).context_size == 32
+    (tmp_path / "empty").mkdir()
+    assert build_builtin(tmp_path / "empty", corpus_size=20).context_size == 32  # an empty folder is fine
+
+
+def test_symlinked_to_dir_stays_a_link(tmp_path):
+    """A rebuild into a symlinked --to_dir replaces the folder it points to: the link used to be swapped out for a
+    real folder, and left behind as .tmp-old-<name>-<pid>."""
+    real, link = tmp_path / "real", tmp_path / "link"
+    real.mkdir()
+    link.symlink_to(real)
+    build_builtin(link, corpus_size=20)
+    build_builtin(link, corpus_size=20, context_size=48)
+    assert link.is_symlink() and link.resolve() == real.resolve()
+    assert json.loads((real / "meta.json").read_text())["context_size"] == 48
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["link", "real"]
+
+
+@pytest.mark.parametrize(
+    "damage",
+    [
+        lambda to: (to / "chunks.npy").unlink(),
+        lambda to: (to / "tokenizer.model").unlink(),
+        lambda to: (to / "answers.npy").write_bytes((to / "answers.npy").read_bytes()[:-8]),
+        lambda to: (to / "qa.json").write_text("[]"),
+    ],
+    ids=["chunks-missing", "tokenizer-missing", "answers-truncated", "qa-emptied"],
+)
+def test_damaged_cache_is_rebuilt_not_reused(tmp_path, damage):
+    """A cache with a file missing or damaged is rebuilt with a note; it used to be "up to date", then fail to load
+    with advice to run the very build that had called it up to date."""
+    to = tmp_path / "ds"
+    build_builtin(to, corpus_size=20)
+    damage(to)
+    logs = []
+    D.build_dataset(D.SourceSpec(corpus_size=20), to, VOCAB, 32, log=logs.append)
+    assert not any("up to date" in m for m in logs)
+    assert any("incomplete or damaged" in m and "rebuilding" in m for m in logs)
+    assert len(D.Dataset(to).qa) == D.Dataset(to).meta["num_qa"] > 0
+
+
+def test_non_utf8_file_name_in_the_source_folder(tmp_path):
+    """A file name that is not UTF-8 used to crash the cache fingerprint (UnicodeEncodeError)."""
+    src = write_folder(tmp_path / "src", HAND_DOCS, HAND_QA)
+    try:
+        fd = os.open(os.path.join(os.fsencode(src), b"caf\xe9.txt"), os.O_WRONLY | os.O_CREAT)
+    except OSError:
+        pytest.skip("this file system takes UTF-8 file names only")
+    os.write(fd, b"The cafe in Lindell sold maps.\n")
+    os.close(fd)
+    D.build_dataset(D.SourceSpec(data="folder", from_dir=str(src)), tmp_path / "ds", 400, 16, log=quiet)
+    assert "caf\\xe9.txt" in [d["id"] for d in D.Dataset(tmp_path / "ds").documents]
+
+
+def test_signature_follows_symlinked_folders(tmp_path):
+    """Files read through a symlinked folder are in the fingerprint too, so editing one rebuilds the cache."""
+    src = write_folder(tmp_path / "src", HAND_DOCS, HAND_QA)
+    outside = tmp_path / "outside"
+    outside.mkdir()
+    (outside / "dave.txt").write_text("Dave Morrow was a miller in Lindell.\n")
+    (src / "linked").symlink_to(outside)
+    (src / "loop").symlink_to(src)  # a link back up the tree must not loop
+    before = D.source_files_signature(src)
+    (outside / "dave.txt").write_text("Dave Morrow was a miller in Lindell who kept a cat.\n")
+    assert D.source_files_signature(src) != before
 
 
 def test_edited_source_folder_is_rebuilt(tmp_path):

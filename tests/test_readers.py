@@ -512,6 +512,92 @@ def test_folder_qa_jsonl_bad_lines_reported_rest_read(tmp_path):
         readers.read_folder(root, qa_path=tmp_path / "missing.jsonl")
 
 
+def test_folder_qa_jsonl_lines_end_at_newline_only(tmp_path):
+    """U+2028, U+0085 and form feeds are line breaks to str.splitlines(), not to JSONL: questions holding them were
+    split into bad JSON, and every later line number was off."""
+    root = _folder(tmp_path / "docs")
+    lines = [
+        json.dumps({"question": "What is\u2028alpha?", "answers": ["first"]}, ensure_ascii=False),
+        json.dumps({"question": "What is\x85beta?", "answers": ["second"]}, ensure_ascii=False),
+        '{"question": "Form\x0cfeed?", "answers": ["x"]}',  # a raw control character: bad JSON, one line
+        '{"question": "broken", "answers": [',
+        json.dumps({"question": "What is gamma?", "answers": ["third"]}),
+    ]
+    qa_file = root / "qa.jsonl"
+    qa_file.write_text("\r\n".join(lines) + "\r\n", encoding="utf-8")
+    _, qa, report = readers.read_folder(root)
+    assert [q.question for q in qa] == ["What is\u2028alpha?", "What is\x85beta?", "What is gamma?"]
+    assert report.malformed == 2
+    assert [m.split(": ")[0] for m in report.messages if "bad JSON" in m] == [f"{qa_file}:3", f"{qa_file}:4"]
+
+
+def test_lone_surrogates_are_repaired_where_json_enters(tmp_path):
+    """A "\\ud83d" escaped alone is valid JSON but not Unicode: hashing, SentencePiece and printing fail on it. Every
+    JSON reader replaces it with U+FFFD, counts it and names the file (and line)."""
+    root = _folder(tmp_path / "docs")
+    qa_file = root / "qa.jsonl"
+    qa_file.write_text(
+        '{"question": "What is alpha?", "answers": ["first"]}\n'
+        '{"question": "What is \\ud83d alpha?", "answers": ["first \\udc00"], "doc_ids": ["a.md"]}\n'
+        '{"question": "Smile \\ud83d\\ude00?", "answers": ["yes"]}\n',  # a pair is one character: kept
+        encoding="utf-8",
+    )
+    _, qa, report = readers.read_folder(root)
+    assert [(q.question, q.answers) for q in qa][1:] == [
+        ("What is \ufffd alpha?", ["first \ufffd"]),
+        ("Smile \U0001f600?", ["yes"]),
+    ]
+    assert all(q.id.startswith("q-") for q in qa)  # hashing the question no longer fails
+    assert report.repaired_text == 2 and any(m.startswith(f"{qa_file}:2: 2 strings") for m in report.messages)
+    assert "2 texts with invalid Unicode repaired" in report.summary()
+
+    squad = _squad_v1()
+    squad["data"][1]["paragraphs"][0]["context"] = "Warsaw \ud800 is the capital of Poland."
+    squad["data"][1]["paragraphs"][0]["qas"][0]["question"] = "Capital of \udfff Poland?"
+    path = _write_json(tmp_path / "squad.json", squad)  # json.dumps writes them as escapes
+    docs, qa, report = readers.read_squad(path)
+    assert docs[-1].text == "Warsaw \ufffd is the capital of Poland." and qa[-1].question == "Capital of \ufffd Poland?"
+    assert report.repaired_text == 2 and any(m.startswith(f"{path}: 2 strings") for m in report.messages)
+
+    root = _triviaqa_tree(tmp_path / "tqa")
+    train = root / "qa" / "wikipedia-train.json"
+    train.write_text(train.read_text(encoding="utf-8").replace("Who wrote Hamlet?", "Who wrote \\udca9 Hamlet?"))
+    _, qa, report = readers.read_triviaqa_dir(root)
+    assert qa[0].question == "Who wrote \ufffd Hamlet?" and report.repaired_text == 1
+
+
+def test_folder_non_utf8_file_name_gets_a_printable_id(tmp_path):
+    """Bytes of a file name that are not UTF-8 become \\xNN in its document id and title, not lone surrogates that
+    nothing downstream can encode."""
+    root = _folder(tmp_path / "docs")
+    try:
+        fd = os.open(os.path.join(os.fsencode(root), b"na\xefve.txt"), os.O_WRONLY | os.O_CREAT)
+    except OSError:
+        pytest.skip("this file system takes UTF-8 file names only")
+    os.write(fd, b"Naive text.\n")
+    os.close(fd)
+    docs, _, report = readers.read_folder(root)
+    doc = next(d for d in docs if d.id.startswith("na"))
+    assert (doc.id, doc.title) == ("na\\xefve.txt", "na\\xefve")
+    assert report.repaired_text == 1
+    for m in report.messages:
+        m.encode("utf-8")  # every warning is printable
+
+
+def test_folder_follows_symlinked_folders_once(tmp_path):
+    """A symlinked subfolder is read (it was skipped silently); a link back up the tree does not loop, and a folder
+    linked twice is read once, through the first path in sorted order."""
+    root = _folder(tmp_path / "docs")
+    outside = tmp_path / "outside"
+    outside.mkdir()
+    (outside / "d.txt").write_text("Delta is the fourth letter.\n", encoding="utf-8")
+    (root / "linked").symlink_to(outside)
+    (root / "more").symlink_to(outside)
+    (root / "sub" / "up").symlink_to(root)
+    docs, _, _ = readers.read_folder(root)
+    assert [d.id for d in docs] == ["a.md", "c.txt", "linked/d.txt", "sub/b.txt"]
+
+
 # --------------------------------------------------------------------------------------- dispatch/report
 
 
