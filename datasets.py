@@ -25,9 +25,11 @@ import hashlib
 import io
 import json
 import os
+import random
 import shutil
 import tempfile
 from collections import defaultdict
+from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -47,6 +49,7 @@ MAX_ANSWER_TOKENS = 32
 MAX_EXPANDED_TOKENS = 64  # a whole sentence, when answers are expanded
 # SentencePiece skips training sentences over 4,192 bytes (max_sentence_length); longer lines go in in pieces.
 MAX_SENTENCE_BYTES = 4000
+MAX_SENTENCES = 2_000_000  # lines the tokenizer trains on at most (a seeded sample of a larger corpus)
 EXPANSIONS_FILE = "expansions.json"
 ARRAYS = ("chunks", "chunk_doc", "chunk_offset", "questions", "answers", "pos_offsets", "pos_chunks")
 # Everything a cache folder may hold (macOS Finder's .DS_Store is no loss): a rebuild replaces no other folder.
@@ -110,8 +113,23 @@ def utf8_pieces(line: str, max_bytes: int = MAX_SENTENCE_BYTES) -> list[str]:
     return pieces
 
 
-def train_tokenizer(texts: list[str], vocab_size: int, seed: int = 0) -> bytes:
-    """Train a SentencePiece BPE model in memory and return its bytes."""
+def sample_lines(lines: Iterable[str], limit: int, seed: int) -> list[str]:
+    """At most `limit` of the non-empty `lines`: all of them when there are that few, else a uniform sample
+    (reservoir sampling) that depends only on the lines and `seed`. SentencePiece's own sampling of a large input
+    draws a new sample in every process, so a rebuilt dataset (or each rank's) would get another tokenizer."""
+    rng = random.Random(seed)
+    kept: list[str] = []
+    for i, line in enumerate(line for line in lines if line):
+        if i < limit:
+            kept.append(line)
+        elif (j := rng.randrange(i + 1)) < limit:
+            kept[j] = line
+    return kept
+
+
+def train_tokenizer(texts: list[str], vocab_size: int, seed: int = 0, max_sentences: int = MAX_SENTENCES) -> bytes:
+    """Train a SentencePiece BPE model in memory and return its bytes: on every line of `texts`, or on a sample of
+    `max_sentences` of them drawn with `seed` (the same tokenizer from the same texts, every time)."""
 
     def sentences():
         for text in texts:
@@ -122,7 +140,7 @@ def train_tokenizer(texts: list[str], vocab_size: int, seed: int = 0) -> bytes:
     model = io.BytesIO()
     try:
         spm.SentencePieceTrainer.train(
-            sentence_iterator=sentences(),
+            sentence_iterator=iter(sample_lines(sentences(), max_sentences, seed)),
             model_writer=model,
             vocab_size=vocab_size,
             model_type="bpe",
@@ -132,7 +150,9 @@ def train_tokenizer(texts: list[str], vocab_size: int, seed: int = 0) -> bytes:
             eos_id=EOS_ID,
             character_coverage=1.0,
             byte_fallback=True,
-            input_sentence_size=2_000_000,
+            # `sample_lines` gives at most this many, so SentencePiece never samples (a new draw in every process);
+            # kept, not 0, as the tokenizer it trains on the same lines differs with 0 (so would every checkpoint's).
+            input_sentence_size=max_sentences,
             shuffle_input_sentence=True,
             num_threads=os.cpu_count() or 1,
             minloglevel=2,

@@ -25,10 +25,11 @@ def _is_punct(ch: str) -> bool:
 
 
 def normalize_answer(s: str) -> str:
-    """SQuAD-style answer normalisation, extended as TriviaQA's script does.
+    """SQuAD's answer normalisation, with TriviaQA's underscores as spaces.
 
     Lower-case; underscores become spaces (TriviaQA); punctuation, ASCII or Unicode, is deleted
-    (SQuAD: "U.S.A." -> "usa"); the articles a/an/the are removed as whole words; whitespace is collapsed.
+    (SQuAD: "U.S.A." -> "usa"; TriviaQA's script would make it a space); the articles a/an/the are removed as
+    whole words; whitespace is collapsed.
     """
     text = s.lower().replace("_", " ")
     text = "".join(ch for ch in text if not _is_punct(ch))

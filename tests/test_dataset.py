@@ -487,3 +487,17 @@ def test_edited_source_folder_is_rebuilt(tmp_path):
     (src / "dave.txt").write_text("Dave Morrow was a miller in Lindell who kept a cat and a dog.\n")
     D.build_dataset(spec, tmp_path / "ds", 400, 16, log=quiet)
     assert len(D.Dataset(tmp_path / "ds").documents) == 4
+
+
+def test_the_tokenizer_of_a_sampled_corpus_is_the_same_every_time():
+    """Above `max_sentences` lines the tokenizer trains on a sample; drawn with the seed, so a rebuild (or every
+    rank) gets the same tokenizer (SentencePiece's own sampling draws anew in every process)."""
+    rng = np.random.default_rng(0)
+    words = [f"w{i}x{i * 7 % 13}" for i in range(400)]
+    texts = [" ".join(rng.choice(words, 12)) for _ in range(3000)]
+    first = D.train_tokenizer(texts, 300, seed=1, max_sentences=500)
+    assert D.train_tokenizer(texts, 300, seed=1, max_sentences=500) == first
+    assert D.sample_lines(texts, 500, seed=1) != D.sample_lines(texts, 500, seed=2)
+    assert D.sample_lines(["a", "", "b"], 5, seed=0) == ["a", "b"], "every line, in order, when there are few"
+    sample = D.sample_lines((str(i) for i in range(10_000)), 1000, seed=0)
+    assert len(set(sample)) == 1000 and 3000 < np.mean([int(x) for x in sample]) < 7000, "uniform over the input"
