@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import os
 import sys
 from pathlib import Path
 
 import numpy as np
+import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
@@ -57,3 +59,14 @@ def weights_numpy(model) -> dict[str, np.ndarray]:
 def file_bytes(folder: Path) -> dict[str, bytes]:
     """Every file under `folder` (relative name -> bytes), to prove a folder was left untouched."""
     return {p.relative_to(folder).as_posix(): p.read_bytes() for p in sorted(folder.rglob("*")) if p.is_file()}
+
+
+def write_bytes_named(folder: Path, name: bytes, data: bytes) -> None:
+    """Write `data` to a file in `folder` whose name is raw bytes (not UTF-8, say); skip the test on a file system
+    that refuses such names."""
+    try:
+        fd = os.open(os.path.join(os.fsencode(folder), name), os.O_WRONLY | os.O_CREAT)
+    except OSError:
+        pytest.skip("this file system takes UTF-8 file names only")
+    os.write(fd, data)
+    os.close(fd)

@@ -3,14 +3,13 @@
 from __future__ import annotations
 
 import json
-import os
 from pathlib import Path
 
 import numpy as np
 import pytest
 import sentencepiece as spm
 
-from helpers import VOCAB, build_builtin, file_bytes, quiet
+from helpers import VOCAB, build_builtin, file_bytes, quiet, write_bytes_named
 
 import builtin_corpus  # noqa: E402
 import datasets as D  # noqa: E402
@@ -457,12 +456,7 @@ def test_damaged_cache_is_rebuilt_not_reused(tmp_path, damage):
 def test_non_utf8_file_name_in_the_source_folder(tmp_path):
     """A file name that is not UTF-8 used to crash the cache fingerprint (UnicodeEncodeError)."""
     src = write_folder(tmp_path / "src", HAND_DOCS, HAND_QA)
-    try:
-        fd = os.open(os.path.join(os.fsencode(src), b"caf\xe9.txt"), os.O_WRONLY | os.O_CREAT)
-    except OSError:
-        pytest.skip("this file system takes UTF-8 file names only")
-    os.write(fd, b"The cafe in Lindell sold maps.\n")
-    os.close(fd)
+    write_bytes_named(src, b"caf\xe9.txt", b"The cafe in Lindell sold maps.\n")
     D.build_dataset(D.SourceSpec(data="folder", from_dir=str(src)), tmp_path / "ds", 400, 16, log=quiet)
     assert "caf\\xe9.txt" in [d["id"] for d in D.Dataset(tmp_path / "ds").documents]
 

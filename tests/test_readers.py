@@ -10,6 +10,7 @@ from pathlib import Path
 import pytest
 
 import readers
+from helpers import write_bytes_named
 from readers import DataError, ReadReport
 
 PROJECT_DIR = Path(readers.__file__).resolve().parent
@@ -570,12 +571,7 @@ def test_folder_non_utf8_file_name_gets_a_printable_id(tmp_path):
     """Bytes of a file name that are not UTF-8 become \\xNN in its document id and title, not lone surrogates that
     nothing downstream can encode."""
     root = _folder(tmp_path / "docs")
-    try:
-        fd = os.open(os.path.join(os.fsencode(root), b"na\xefve.txt"), os.O_WRONLY | os.O_CREAT)
-    except OSError:
-        pytest.skip("this file system takes UTF-8 file names only")
-    os.write(fd, b"Naive text.\n")
-    os.close(fd)
+    write_bytes_named(root, b"na\xefve.txt", b"Naive text.\n")
     docs, _, report = readers.read_folder(root)
     doc = next(d for d in docs if d.id.startswith("na"))
     assert (doc.id, doc.title) == ("na\\xefve.txt", "na\\xefve")
