@@ -65,6 +65,8 @@ def setup_runtime(args: argparse.Namespace) -> None:
             fastpath.precompile_kernel_header()  # once per kernel cache: later kernel builds ~4x faster
         else:
             print(fastpath.compiler_message())
+    if args.seed < 0:
+        raise training.UsageError(f"--seed must be >= 0, got {args.seed}")
     mx.random.seed(args.seed)
 
 

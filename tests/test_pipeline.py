@@ -326,6 +326,11 @@ def test_eval_chunks_zero_is_a_usage_error(tmp_path):
     assert "--eval_chunks" in line
 
 
+def test_negative_seed_is_a_usage_error(tmp_path):
+    line = one_line_error(main_py(tmp_path / "run", "--target", "dataset", "--seed", "-1"))
+    assert "--seed" in line
+
+
 def test_negative_corpus_size_is_a_usage_error(tmp_path):
     line = one_line_error(main_py(tmp_path / "run", "--target", "dataset", "--corpus_size", "-5"))
     assert "--corpus_size" in line or "num_documents" in line
