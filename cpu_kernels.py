@@ -76,16 +76,26 @@ def softmax(x: mx.array) -> mx.array:
     return _softmax(x) if on_cpu() else mx.softmax(x, axis=-1)
 
 
+def _row_shift(x: mx.array) -> mx.array:
+    """Each row's maximum, 0 for a row that is all -inf (so that x - shift is -inf there, not NaN)."""
+    top = x.max(axis=-1, keepdims=True)
+    return mx.where(top == -math.inf, 0.0, top)
+
+
 @mx.custom_function
 def _logsumexp(x: mx.array) -> mx.array:
-    top = x.max(axis=-1, keepdims=True)
-    return top + mx.log(exp_nonpositive(x, top).sum(axis=-1, keepdims=True))
+    shift = _row_shift(x)
+    out = shift + mx.log(exp_nonpositive(x, shift).sum(axis=-1, keepdims=True))
+    return mx.where(x.max(axis=-1, keepdims=True) == -math.inf, -math.inf, out)
 
 
 @_logsumexp.vjp
 def _logsumexp_vjp(primals, cotangent, output):
+    # The softmax of x, from its own max: exp(x - output) loses log(n) where output rounds to the max (a row
+    # masked to -1e9, where float32's spacing is 64), and would give every entry 1 instead of 1/n.
     x = primals[0] if isinstance(primals, (tuple, list)) else primals  # MLX passes a lone input bare
-    return (cotangent * exp_nonpositive(x, output),)
+    e = exp_nonpositive(x, _row_shift(x))
+    return (cotangent * e / e.sum(axis=-1, keepdims=True),)
 
 
 def logsumexp(x: mx.array) -> mx.array:

@@ -175,15 +175,10 @@ class Generator(nn.Module):
                 if temperature <= 0:
                     nxt = mx.argmax(scores, axis=-1)
                 else:
-                    logits = scores / temperature
-                    if sample_top_k > 0 and sample_top_k < logits.shape[-1]:
-                        kth = mx.sort(logits, axis=-1)[:, -sample_top_k][:, None]
-                        logits = mx.where(logits < kth, NEG_INF, logits)
+                    sub = None
                     if key is not None:
                         key, sub = mx.random.split(key)
-                        nxt = mx.random.categorical(logits, key=sub)
-                    else:
-                        nxt = mx.random.categorical(logits)
+                    nxt = sample_tokens(scores / temperature, sample_top_k, sub)
                 nxt = nxt.astype(mx.int32)
                 mx.eval(nxt)
             yield nxt
@@ -205,6 +200,16 @@ class Generator(nn.Module):
                 tokens = mx.concatenate([tokens, nxt[:, None]], axis=1)
                 mx.eval(tokens)
         return np.array(tokens[:, 1:]).tolist()
+
+
+def sample_tokens(logits: mx.array, top_k: int = 0, key: mx.array | None = None) -> mx.array:
+    """One token per row [B] drawn from `logits` [B, V], among each row's `top_k` likeliest when 0 < top_k < V:
+    exactly k of them, chosen by rank (a cut by value would keep every token tied with the k-th)."""
+    if not 0 < top_k < logits.shape[-1]:
+        return mx.random.categorical(logits, key=key)
+    top = mx.argpartition(-logits, top_k - 1, axis=-1)[:, :top_k]
+    choice = mx.random.categorical(mx.take_along_axis(logits, top, axis=-1), key=key)
+    return mx.take_along_axis(top, choice[:, None], axis=-1)[:, 0]
 
 
 def greedy_answers(

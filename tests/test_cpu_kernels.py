@@ -47,6 +47,17 @@ def test_softmax_and_logsumexp_match_mlx_with_gradients(shape):
         np.testing.assert_allclose(mx.grad(ours)(x), mx.grad(theirs)(x), atol=2e-6)
 
 
+def test_logsumexp_of_masked_rows_has_the_softmax_as_its_gradient():
+    """At -1e9 float32's spacing is 64, so the log-sum rounds to the row's max: a gradient taken as exp(x - output)
+    gave every entry 1 instead of 1/n. A row all -inf is -inf, not NaN."""
+    x = mx.array([[0.5, -1.0, 2.0, 0.0], [-1e9, -1e9, -1e9, -1e9], [-1e9, -1e9 - 64, -1e9, -1e9]])
+    ours = mx.grad(lambda a: cpu_kernels.logsumexp(a).sum())(x)
+    theirs = mx.grad(lambda a: mx.logsumexp(a, axis=-1, keepdims=True).sum())(x)
+    np.testing.assert_allclose(ours, theirs, atol=1e-6)
+    np.testing.assert_allclose(np.array(ours).sum(axis=1), 1.0, rtol=1e-6)
+    assert np.array(cpu_kernels.logsumexp(mx.full((2, 4), -float("inf")))).tolist() == [[-np.inf], [-np.inf]]
+
+
 def test_softmax_of_masked_positions_is_zero_and_rows_sum_to_one():
     x = mx.array([[0.5, -1e9, 2.0, -1e9], [-1e9, -1e9, -1e9, -1e9]])
     p = np.array(cpu_kernels.softmax(x))

@@ -216,6 +216,18 @@ def test_cached_logits_equal_full_recompute(copy):
     np.testing.assert_allclose(np.log(last + 1e-9), full[:, -1:], atol=1e-4)
 
 
+def test_top_k_sampling_keeps_exactly_k_tokens_when_scores_tie():
+    """Four tokens tie for the best score: top_k=1 must still draw one token (the same one every time), and
+    top_k=2 only two of them; a cut by value kept all four."""
+    logits = mx.array([[5.0, 1.0, 5.0, 5.0, 0.0, 5.0]] * 64)
+    one = {int(t) for t in np.array(G.sample_tokens(logits, 1, mx.random.key(0)))}
+    two = {int(t) for t in np.array(G.sample_tokens(logits, 2, mx.random.key(1)))}
+    assert len(one) == 1 and one <= {0, 2, 3, 5}
+    assert len(two) == 2 and two <= {0, 2, 3, 5}
+    every = {int(t) for t in np.array(G.sample_tokens(logits, 0, mx.random.key(2)))}
+    assert {0, 2, 3, 5} <= every
+
+
 def test_sampling_top_k_one_is_greedy_and_seeded_sampling_reproduces():
     model = tiny_generator(V, copy=False)
     p = mx.array(passages(seed=7))
