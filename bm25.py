@@ -164,8 +164,9 @@ class BM25Retriever:
                 out_scores[lo + j] = row[ids]
         return out_scores, out_ids
 
-    def save(self, directory: str | os.PathLike) -> None:
-        """Write the index to `directory` (replaced whole); .npy arrays without pickle plus JSON."""
+    def save(self, directory: str | os.PathLike, extra: dict[str, dict] | None = None) -> None:
+        """Write the index to `directory` (replaced whole); .npy arrays without pickle plus JSON, and each of
+        `extra` (file name: JSON object) in the same folder, so that they are swapped in together."""
         model = self._require_model()
         target = Path(directory)
         target.parent.mkdir(parents=True, exist_ok=True)
@@ -183,6 +184,8 @@ class BM25Retriever:
                 "num_chunks": self.num_chunks,
             }
             (tmp / CONFIG_NAME).write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
+            for name, obj in (extra or {}).items():
+                (tmp / name).write_text(json.dumps(obj, indent=2, sort_keys=True) + "\n")
             for f in tmp.iterdir():
                 with open(f, "rb") as fh:
                     os.fsync(fh.fileno())
@@ -213,7 +216,7 @@ class BM25Retriever:
         retriever = cls(k1=config["k1"], b=config["b"], method=config["method"], stem=config["stem"])
         try:
             model = bm25s.BM25.load(directory, allow_pickle=False, mmap=False, load_corpus=False, show_progress=False)
-        except (OSError, ValueError) as e:
+        except (OSError, ValueError, EOFError) as e:  # EOFError: an empty .npy file
             raise ValueError(f"{directory}: cannot load BM25 index ({e})") from e
         if int(model.scores["num_docs"]) != config["num_chunks"]:
             raise ValueError(

@@ -156,8 +156,8 @@ def load_or_build_bm25(directory: str | Path, chunk_texts: Sequence[str], source
             log(f"warning: {directory}: unreadable BM25 index ({e}); rebuilding")
     tic = time.perf_counter()
     bm25 = BM25Retriever.build(chunk_texts)
-    bm25.save(directory)
-    ckpt.atomic_write_json(sidecar, source)  # written last: an index without it is never trusted
+    # The sidecar goes in the same swap as the index (two evaluations building at once each swap in a whole folder).
+    bm25.save(directory, extra={BM25_SOURCE: source})
     log(f"bm25: indexed {len(chunk_texts):,} chunks in {time.perf_counter() - tic:.1f}s, cached in {directory}")
     return bm25
 
@@ -217,6 +217,13 @@ def _ms(x) -> str:
     return "-" if x is None else f"{x:.2f}"
 
 
+def dense_index_phrase(cfg: dict) -> str:
+    """How the dense retriever searched, for report.md: exact, or an approximate (faiss / usearch) index, whose
+    recall and latency then differ from exact search's."""
+    kind = cfg.get("dense_index", "exact")
+    return "n exact" if kind == "exact" else f"n approximate ({kind})"
+
+
 def render_markdown(report: dict) -> str:
     """report.json as Markdown: one retrieval table (dense vs BM25) and one generation table."""
     cfg = report["config"]
@@ -225,7 +232,8 @@ def render_markdown(report: dict) -> str:
         f"### Evaluation on the {cfg['split']} split ({cfg['num_questions']} questions)",
         "",
         f"Generator `{cfg['generator_id'][:8]}` reads the top {cfg['top_k']} chunks of the **{cfg['retriever']}** "
-        f"retriever; dense retriever `{cfg['retriever_id'][:8]}`; {cfg['dataset']['num_chunks']:,} chunks of "
+        f"retriever; dense retriever `{cfg['retriever_id'][:8]}` searching a{dense_index_phrase(cfg)} index; "
+        f"{cfg['dataset']['num_chunks']:,} chunks of "
         f"{cfg['dataset']['context_size']} tokens ({cfg['dataset']['source'].get('data')} data).",
         "",
         "Retrieval (%). Relevance: *answer in chunk* = the chunk's text contains a normalised gold answer; "
@@ -323,6 +331,7 @@ def run_eval(
     """Evaluate on `args.split` and write the report; returns (report, paths of the written files).
 
     Reads args.split, args.retriever, args.top_k, args.seed, args.save_dir and args.max_answer_tokens."""
+    import index as chunk_index
     import pipeline
 
     split, kind, top_k = getattr(args, "split", "test"), getattr(args, "retriever", "dense"), int(args.top_k)
@@ -346,9 +355,8 @@ def run_eval(
     texts = [data.chunk_text(c) for c in range(n_chunks)]
     norm = normalised_chunk_texts(texts)
     bm25_dir = Path(args.save_dir) / "bm25" / data.tokenizer_sha1[:12]
-    bm25 = load_or_build_bm25(
-        bm25_dir, texts, {"dataset_fingerprint": data.meta.get("fingerprint"), "num_chunks": n_chunks}, log
-    )
+    source = {"chunks_sha1": chunk_index.chunks_fingerprint(data.chunks), "num_chunks": n_chunks}
+    bm25 = load_or_build_bm25(bm25_dir, texts, source, log)
 
     rankings, hits, retrieval = {}, {}, {}
     searchers = {
@@ -396,6 +404,7 @@ def run_eval(
             "num_questions": int(len(ids)),
             "top_k": k_fed,
             "retriever": kind,
+            "dense_index": getattr(args, "index", "exact"),
             "ks": list(KS),
             "depth": depth,
             "seed": args.seed,

@@ -75,6 +75,19 @@ def test_bm25_returns_the_planted_chunk_first_and_is_cached(tmp_path):
         tmp_path / "bm25", other, {"dataset_fingerprint": "def", "num_chunks": 4}, logs.append
     )
     assert rebuilt.num_chunks == 4 and sum("indexed" in line for line in logs) == 2
+    # the sidecar is swapped in with the index (never written into a folder another build may replace)
+    assert (tmp_path / "bm25" / ev.BM25_SOURCE).is_file() and not list(tmp_path.glob(".bm25*"))
+
+
+def test_an_empty_bm25_array_file_is_rebuilt_not_a_traceback(tmp_path):
+    source = {"chunks_sha1": "abc", "num_chunks": len(TEXTS)}
+    ev.load_or_build_bm25(tmp_path / "bm25", TEXTS, source, lambda _m: None)
+    (victim,) = [p for p in sorted((tmp_path / "bm25").glob("*.npy"))][:1]
+    victim.write_bytes(b"")  # np.load raises EOFError on it
+    logs = []
+    bm25 = ev.load_or_build_bm25(tmp_path / "bm25", TEXTS, source, logs.append)
+    assert any("unreadable BM25 index" in m for m in logs) and any("indexed" in m for m in logs)
+    assert bm25.num_chunks == len(TEXTS)
 
 
 def test_oracle_puts_labelled_chunks_first_and_counts_fallbacks():
@@ -160,7 +173,13 @@ def test_eval_target_writes_consistent_files(tiny_run, capsys):
     md = (run_dir / "report.md").read_text()
     assert md.count("| dense |") == 2 and md.count("| BM25 |") == 2 and "| oracle (labelled chunks) |" in md
     assert "| BM25 | answer in chunk |" in capsys.readouterr().out
+    assert report["config"]["dense_index"] == "exact" and "searching an exact index" in md
     assert (tiny_run / "bm25" / data.tokenizer_sha1[:12] / ev.BM25_SOURCE).is_file()
+
+
+def test_report_says_when_dense_search_was_approximate():
+    cfg = {"dense_index": "faiss"}
+    assert ev.dense_index_phrase(cfg) == "n approximate (faiss)" and ev.dense_index_phrase({}) == "n exact"
 
 
 def test_report_equals_recomputation_from_predictions(tiny_run, monkeypatch):
