@@ -53,7 +53,8 @@ def answer_hits(
     ranked_ids: np.ndarray, chunk_texts_normalised: Sequence[str], answers: Sequence[Sequence[str]]
 ) -> list[list[int]]:
     """Per question, the retrieved chunk ids whose text contains a normalised gold answer (as
-    `metrics.contains_answer` decides: whole tokens; aliases that normalise to nothing never match)."""
+    `metrics.contains_answer` decides: whole tokens; aliases that normalise to nothing never match); an id of -1
+    marks a slot that retrieved nothing."""
     ranked = np.asarray(ranked_ids)
     if ranked.ndim != 2 or len(ranked) != len(answers):
         raise ValueError(
@@ -63,7 +64,7 @@ def answer_hits(
     out = []
     for row, aliases in zip(ranked, answers):
         norm = [f" {a} " for a in (normalize_answer(x) for x in aliases) if a]
-        out.append([int(c) for c in row if any(a in chunk_texts_normalised[int(c)] for a in norm)])
+        out.append([int(c) for c in row if c >= 0 and any(a in chunk_texts_normalised[int(c)] for a in norm)])
     return out
 
 
@@ -366,12 +367,17 @@ def run_eval(
     for name, search_one in searchers.items():
         scores, ranked, seconds = timed_search(search_one, len(ids), depth)
         rankings[name] = (scores, ranked)
-        hits[name] = answer_hits(ranked, norm, answers)
+        # BM25 scores 0 a chunk that holds no term of the question: filler in its top list, never a hit (a question
+        # of stopwords or unknown words would otherwise "retrieve" chunks 0, 1, 2...).
+        counted = np.where(scores > 0, ranked, -1) if name == "bm25" else ranked
+        hits[name] = answer_hits(counted, norm, answers)
         retrieval[name] = {
-            "answer": ranking_metrics(ranked, hits[name]),
-            "labels": ranking_metrics(ranked, labels),
+            "answer": ranking_metrics(counted, hits[name]),
+            "labels": ranking_metrics(counted, labels),
             "latency": latency_percentiles(seconds),
         }
+        if name == "bm25":
+            retrieval[name]["questions_matching_no_chunk"] = int((scores[:, 0] <= 0).sum())
         log(
             f"eval: {name} recall@5 {retrieval[name]['answer']['recall@5']:.3f}, "
             f"p50 {retrieval[name]['latency']['p50_ms']:.2f} ms"

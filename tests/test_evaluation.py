@@ -37,6 +37,10 @@ def test_answer_hits_are_whole_word_matches_like_contains_answer():
     assert hits == [[0], [2], [5], []]
     expected = [[int(c) for c in row if contains_answer(TEXTS[c], a)] for row, a in zip(RANKED, ANSWERS)]
     assert hits == expected
+    # -1 marks a slot that retrieved nothing (BM25 scoring 0): never a hit, and never read as the last chunk
+    unmatched = np.where(np.arange(6) < 5, RANKED[2], -1)[None]
+    assert ev.answer_hits(unmatched, norm, [["USA"]]) == [[]]
+    assert ev.ranking_metrics(unmatched, [[5]])["recall@5"] == 0.0
 
 
 def test_retrieval_metrics_on_planted_index():
