@@ -22,8 +22,16 @@ class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
         return super()._get_help_string(action)
 
 
+class ArgumentParser(argparse.ArgumentParser):
+    """A bad flag is one line on stderr, `error: ...` and exit code 2, like every other input error (argparse
+    prints its whole usage first); `--help` still shows it."""
+
+    def error(self, message: str):
+        self.exit(2, f"error: {message} (see --help)\n")
+
+
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(
+    p = ArgumentParser(
         description="Train and query a from-scratch RAG pipeline (retriever + Fusion-in-Decoder generator) on MLX.",
         formatter_class=HelpFormatter,
     )

@@ -326,6 +326,14 @@ def test_eval_chunks_zero_is_a_usage_error(tmp_path):
     assert "--eval_chunks" in line
 
 
+@pytest.mark.parametrize(
+    "flags, flag", [(["--split", "train"], "--split"), (["--dim", "x"], "--dim"), (["--no_such_flag"], "no_such_flag")]
+)
+def test_a_flag_argparse_rejects_is_one_line(tmp_path, flags, flag):
+    line = one_line_error(main_py(tmp_path / "run", "--target", "dataset", *flags))
+    assert flag in line
+
+
 def test_negative_seed_is_a_usage_error(tmp_path):
     line = one_line_error(main_py(tmp_path / "run", "--target", "dataset", "--seed", "-1"))
     assert "--seed" in line
