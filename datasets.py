@@ -319,6 +319,8 @@ def fingerprint(spec: SourceSpec, vocab_size: int, context_size: int) -> str:
     payload = dict(vars(spec), vocab_size=vocab_size, context_size=context_size, version=FORMAT_VERSION)
     if payload["expander_model"] is None:  # caches built before the option existed stay valid
         del payload["expander_model"]
+    elif os.path.isdir(spec.expander_model):  # a local model folder: its files too, so a retrained one is seen
+        payload["expander_files"] = source_files_signature(spec.expander_model)
     if spec.data == "builtin":  # new templates must not reuse an old cache
         payload["builtin_version"] = builtin_corpus.VERSION
     if spec.from_dir:

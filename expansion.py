@@ -99,17 +99,22 @@ def contains_answer(sentence: str, answer: str) -> bool:
 def first_sentence(text: str, answer: str, complete: bool = True) -> str | None:
     """The first sentence of the first line of `text`, or None when there is none.
 
-    A full stop inside an occurrence of the answer ("St. Louis") does not end the sentence. Text without final
-    punctuation counts as a sentence only when the model stopped by itself (`complete`), not at the token limit."""
+    A full stop inside an occurrence of the answer ("St. Louis") does not end the sentence, nor does one before
+    the answer has come ("Dr. Who first aired in 1963." for 1963: a "Dr." or "U.S." is no sentence end when the
+    sentence would then miss its answer). Text without final punctuation counts as a sentence only when the model
+    stopped by itself (`complete`), not at the token limit."""
     line = text.strip().split("\n", 1)[0].strip()
     line = re.sub(r"^(sentence|answer)\s*:\s*", "", line, flags=re.IGNORECASE).strip().strip('"').strip()
     if not line:
         return None
     needle = answer.strip()
     inside = [(m.start(), m.end()) for m in re.finditer(re.escape(needle), line, re.IGNORECASE)] if needle else []
-    for m in _SENTENCE_END.finditer(line):
-        if not any(s <= m.start() < e for s, e in inside):
-            return line[: m.end()]
+    ends = [m.end() for m in _SENTENCE_END.finditer(line) if not any(s <= m.start() < e for s, e in inside)]
+    for end in ends:
+        if contains_answer(line[:end], answer):
+            return line[:end]
+    if ends:  # the answer is in none: the first sentence (the caller falls back to the template)
+        return line[: ends[0]]
     if not complete and "\n" not in text.strip():
         return None  # cut off by max_tokens mid-sentence
     return line if line.endswith((".", "!", "?")) else line + "."

@@ -90,6 +90,8 @@ def prepare_dataset(args):
         raise training.UsageError("--expand_answers needs --expander_model (a local mlx_lm folder or a HF model id)")
     if expander and not expand:
         raise training.UsageError("--expander_model is used only with --expand_answers; add it or drop the model")
+    if expander and Path(expander).is_dir():  # a local model: known by its folder, not by a path relative to here
+        expander = str(Path(expander).resolve())
     spec = datasets.SourceSpec(
         args.data,
         args.from_dir,

@@ -87,6 +87,11 @@ def test_first_sentence_keeps_one_sentence_and_respects_the_answer():
     # a full stop inside the answer does not end the sentence
     assert E.first_sentence("It ended in St. Louis in 1806. Then", "St. Louis") == "It ended in St. Louis in 1806."
     assert E.first_sentence("He was born in the U.S.A.", "U.S.A.") == "He was born in the U.S.A."
+    # an abbreviation's full stop before the answer does not end the sentence
+    assert E.first_sentence("Dr. Who first aired in 1963. It ran.", "1963") == "Dr. Who first aired in 1963."
+    assert E.first_sentence("The U.S. won in 1776.", "1776") == "The U.S. won in 1776."
+    assert E.first_sentence("He was born in St. Louis.", "St Louis") == "He was born in St. Louis."
+    assert E.first_sentence("No answer here. None there.", "Velmora") == "No answer here."
     # only the first line counts; a label the model echoes is dropped; a missing full stop is added
     assert E.first_sentence('Sentence: "X was born in V"\nmore', "V") == "X was born in V."
     # cut off by the token limit without a line end: no sentence at all
@@ -250,7 +255,15 @@ def test_flags_reach_the_source_spec_and_are_checked(tmp_path, monkeypatch, caps
     monkeypatch.setattr(D, "build_dataset", stop)
     base = ["--target", "dataset", "--save_dir", str(tmp_path), "--no_fast_blas"]
     assert main.main(base + ["--expand_answers", "--expander_model", "some/model"]) == 2
-    assert seen[-1].expander_model == "some/model"
+    assert seen[-1].expander_model == "some/model"  # not a local folder: a hub id, kept as given
+    local = tmp_path / "models" / "lm"
+    local.mkdir(parents=True)
+    monkeypatch.chdir(tmp_path / "models")
+    assert main.main(base + ["--expand_answers", "--expander_model", "lm"]) == 2
+    assert seen[-1].expander_model == str(local.resolve()), "a local folder is known by its absolute path"
+    fingerprint = D.fingerprint(seen[-1], VOCAB, 32)
+    (local / "weights.safetensors").write_bytes(b"retrained")
+    assert D.fingerprint(seen[-1], VOCAB, 32) != fingerprint, "and by its files"
     for extra, expected in (
         (["--expand_answers"], "--expand_answers needs --expander_model"),
         (["--expander_model", "some/model"], "--expander_model is used only with"),
@@ -259,5 +272,5 @@ def test_flags_reach_the_source_spec_and_are_checked(tmp_path, monkeypatch, caps
         assert main.main(base + extra) == 2
         err = capsys.readouterr().err
         assert err.startswith(f"error: {expected}") and err.count("\n") == 1, err
-    assert len(seen) == 1
+    assert len(seen) == 2
     assert issubclass(D.DatasetError, pipeline.USER_ERRORS)
