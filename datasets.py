@@ -267,6 +267,14 @@ def _pad_rows(rows: list[list[int]], width: int) -> np.ndarray:
     return out
 
 
+def _save_expansions(to_dir: Path, expansions: dict) -> None:
+    """Write the expansion cache into `to_dir` (atomically; the folder made if new), where the next build reads
+    it whether or not this one finishes."""
+    to_dir = Path(to_dir).resolve()
+    to_dir.mkdir(parents=True, exist_ok=True)
+    ckpt.atomic_write_json(to_dir / EXPANSIONS_FILE, {"format": 1, "models": expansions})
+
+
 def read_expansions(to_dir: Path, log=print) -> dict[str, dict[str, dict]]:
     """The expansion cache of an existing dataset folder: {model: {question id: entry}}; {} when there is none."""
     path = Path(to_dir) / EXPANSIONS_FILE
@@ -400,6 +408,8 @@ def build_dataset(
         raise DatasetError(f"--data {spec.data}: no documents with text")
     # Before the tokenizer, so that an unusable --expander_model fails fast.
     expanded, expansions = expand_qa(spec.expander_model, qa, to_dir, log)
+    if expanded is not None:  # kept at once: a build that fails later must not cost the sentences generated
+        _save_expansions(to_dir, expansions)
 
     log(f"dataset: {len(docs):,} documents, {len(qa):,} QA pairs; training a {vocab_size}-token BPE tokenizer")
     model_bytes = train_tokenizer([d.text for d in docs] + [q.question for q in qa], vocab_size, spec.seed)

@@ -231,6 +231,24 @@ def test_build_dataset_stores_expansions_and_reuses_the_cache(tiny_model_dir, tm
     assert [q["expanded"] for q in D.Dataset(to_dir).qa] == expanded
 
 
+def test_sentences_survive_a_build_that_fails_after_expanding(tiny_model_dir, tmp_path, monkeypatch):
+    calls = []
+    real = E.expand_answers
+
+    def counting(model, tokenizer, pairs, **kw):
+        calls.append(len(pairs))
+        return real(model, tokenizer, pairs, max_tokens=8, **dict(kw, progress=False))
+
+    monkeypatch.setattr(E, "expand_answers", counting)
+    spec = D.SourceSpec(corpus_size=20, expander_model=str(tiny_model_dir))
+    to_dir = tmp_path / "dataset"
+    with pytest.raises(D.DatasetError):  # the tokenizer cannot train a vocabulary this large on 20 documents
+        D.build_dataset(spec, to_dir, 60_000, 32, log=quiet)
+    assert calls and (to_dir / D.EXPANSIONS_FILE).is_file() and not (to_dir / "meta.json").exists()
+    D.build_dataset(spec, to_dir, VOCAB, 32, log=quiet)
+    assert len(calls) == 1, "the second build took every sentence from the first one's cache"
+
+
 def test_fingerprint_and_plain_build_are_unchanged_without_expander(tmp_path):
     plain = D.SourceSpec(corpus_size=20)
     assert D.fingerprint(plain, VOCAB, 32) != D.fingerprint(D.SourceSpec(corpus_size=20, expander_model="m"), VOCAB, 32)
