@@ -65,8 +65,8 @@ def setup_runtime(args: argparse.Namespace) -> None:
             fastpath.precompile_kernel_header()  # once per kernel cache: later kernel builds ~4x faster
         else:
             print(fastpath.compiler_message())
-    if args.seed < 0:
-        raise training.UsageError(f"--seed must be >= 0, got {args.seed}")
+    if not 0 <= args.seed < 2**64:
+        raise training.UsageError(f"--seed must be in [0, 2^64), got {args.seed}")
     mx.random.seed(args.seed)
 
 
@@ -227,7 +227,7 @@ def summarise(args, data, retr, index, gen, split: str = "test", max_questions: 
         _, top = retrieve(retr, data, index, args.top_k, ids)
         em_r, _ = generator.evaluate_answers(gen, data, ids, top, loss=False)
         em_x, _ = generator.evaluate_answers(
-            gen, data, ids, random_chunks(data, len(ids), args.top_k, args.seed), loss=False
+            gen, data, ids, random_chunks(data, len(ids), top.shape[1], args.seed), loss=False
         )
         report.update(
             {"em_retrieved": em_r["em"], "f1_retrieved": em_r["f1"], "em_random": em_x["em"], "f1_random": em_x["f1"]}
@@ -272,7 +272,29 @@ class StageClock:
         return f"done in {self.last - self.start:.0f}s ({stages})"
 
 
+def check_flags(args: argparse.Namespace) -> None:
+    """Flags that argparse cannot check alone, before any work: a one-line UsageError naming the flag."""
+    if args.inference and args.target not in ("retriever", "all"):
+        raise training.UsageError(f"--inference works with --target retriever or all, not {args.target}")
+    save_dir = Path(args.save_dir)
+    if save_dir.exists() and not save_dir.is_dir():
+        raise training.UsageError(f"--save_dir {save_dir}: exists and is not a folder")
+    if args.top_k <= 0:
+        raise training.UsageError(f"--top_k must be positive, got {args.top_k}")
+    if getattr(args, "eval_chunks", 1) <= 0:
+        raise training.UsageError(f"--eval_chunks must be positive, got {args.eval_chunks}")
+    if not math.isfinite(args.temperature) or args.temperature < 0:
+        raise training.UsageError(f"--temperature must be a finite number >= 0 (0 = greedy), got {args.temperature}")
+    if args.sample_top_k < 0:
+        raise training.UsageError(f"--sample_top_k must be >= 0 (0 = all tokens), got {args.sample_top_k}")
+    if args.sample_top_k > 0 and args.temperature == 0:
+        raise training.UsageError("--sample_top_k needs --temperature > 0 (at 0 answers are decoded greedily)")
+    if args.max_answer_tokens is not None and args.max_answer_tokens < 1:
+        raise training.UsageError(f"--max_answer_tokens must be positive, got {args.max_answer_tokens}")
+
+
 def run(args: argparse.Namespace) -> int:
+    check_flags(args)
     setup_runtime(args)
     if dist.size() > 1:
         if args.inference or args.target == "eval":
@@ -287,18 +309,6 @@ def run(args: argparse.Namespace) -> int:
     if args.target == "dataset":
         print(clock.summary())
         return 0
-    if args.top_k <= 0:
-        raise training.UsageError(f"--top_k must be positive, got {args.top_k}")
-    if getattr(args, "eval_chunks", 1) <= 0:
-        raise training.UsageError(f"--eval_chunks must be positive, got {args.eval_chunks}")
-    if not math.isfinite(args.temperature) or args.temperature < 0:
-        raise training.UsageError(f"--temperature must be a finite number >= 0 (0 = greedy), got {args.temperature}")
-    if args.sample_top_k < 0:
-        raise training.UsageError(f"--sample_top_k must be >= 0 (0 = all tokens), got {args.sample_top_k}")
-    if args.sample_top_k > 0 and args.temperature == 0:
-        raise training.UsageError("--sample_top_k needs --temperature > 0 (at 0 answers are decoded greedily)")
-    if args.max_answer_tokens is not None and args.max_answer_tokens < 1:
-        raise training.UsageError(f"--max_answer_tokens must be positive, got {args.max_answer_tokens}")
     if args.target == "eval":
         import evaluation
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import math
 import os
 import signal
 import time
@@ -42,8 +43,12 @@ class TrainConfig:
         for name in ("batch_size", "num_iters", "steps_per_report", "steps_per_eval", "keep"):
             if getattr(self, name) <= 0:
                 raise UsageError(f"--{name} must be positive, got {getattr(self, name)}")
-        if self.lr_warmup < 0 or self.learning_rate <= 0:
-            raise UsageError("--lr_warmup must be >= 0 and --learning_rate > 0")
+        if self.lr_warmup < 0:
+            raise UsageError(f"--lr_warmup must be >= 0, got {self.lr_warmup}")
+        if not (math.isfinite(self.learning_rate) and self.learning_rate > 0):  # nan trains NaN weights and saves them
+            raise UsageError(f"--learning_rate must be a finite number > 0, got {self.learning_rate}")
+        if not (math.isfinite(self.weight_decay) and self.weight_decay >= 0):
+            raise UsageError(f"--weight_decay must be a finite number >= 0, got {self.weight_decay}")
 
     @classmethod
     def merged(cls, saved: dict | None, overrides: dict, defaults: dict | None = None) -> "TrainConfig":

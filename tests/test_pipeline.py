@@ -12,6 +12,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 from helpers import ROOT, file_bytes
@@ -332,6 +333,52 @@ def test_eval_chunks_zero_is_a_usage_error(tmp_path):
 def test_a_flag_argparse_rejects_is_one_line(tmp_path, flags, flag):
     line = one_line_error(main_py(tmp_path / "run", "--target", "dataset", *flags))
     assert flag in line
+
+
+@pytest.mark.parametrize(
+    "flags, flag",
+    [
+        (["--target", "eval", "--inference"], "--inference"),
+        (["--target", "retriever", "--learning_rate", "nan"], "--learning_rate"),
+        (["--target", "retriever", "--weight_decay", "-1"], "--weight_decay"),
+        (["--target", "dataset", "--seed", str(2**64)], "--seed"),
+    ],
+)
+def test_flags_that_would_be_ignored_or_train_nan_are_usage_errors(tmp_path, flags, flag):
+    line = one_line_error(main_py(tmp_path / "run", *flags))
+    assert flag in line
+
+
+def test_a_save_dir_that_is_a_file_is_a_usage_error(tmp_path):
+    (tmp_path / "notes.txt").write_text("mine")
+    line = one_line_error(main_py(tmp_path / "notes.txt", "--target", "dataset"))
+    assert "--save_dir" in line and (tmp_path / "notes.txt").read_text() == "mine"
+
+
+def test_top_k_beyond_the_corpus_feeds_every_chunk_once(tiny_run, monkeypatch):
+    """The random-chunk baseline took --top_k itself: 5,000 chunks a question (memory and time blew up), where
+    retrieval stops at the corpus."""
+    import generator
+    import index as chunk_index
+    import main
+    import pipeline
+    import retriever
+    from datasets import Dataset
+
+    args = main.build_parser().parse_args(["--save_dir", str(tiny_run.path), *TINY, "--top_k", "5000"])
+    data = Dataset(tiny_run.path / "dataset")
+    ckdir = pipeline.checkpoint_dir(args)
+    retr, rid = pipeline.load_trained(ckdir, "retriever", retriever, data, None, "retriever")
+    index = chunk_index.load_or_build(retr, rid, data.chunks, ckdir, log=lambda _m: None)
+    fed = []
+
+    def evaluate_answers(gen, data, ids, chunk_ids, **kw):
+        fed.append(np.asarray(chunk_ids).shape)
+        return {"em": 0.0, "f1": 0.0}, []
+
+    monkeypatch.setattr(generator, "evaluate_answers", evaluate_answers)
+    pipeline.summarise(args, data, retr, index, gen=object())
+    assert len(fed) == 2 and fed[0] == fed[1] and fed[0][1] == len(data.chunks), "retrieved and random alike"
 
 
 def test_negative_seed_is_a_usage_error(tmp_path):
