@@ -9,9 +9,10 @@ OpenBLAS picks its kernels from the CPU unless OPENBLAS_CORETYPE names a set; th
 use and says when that variable holds it to AVX2 kernels on an AVX-512 CPU (1.85x slower matmuls on this
 project's reference machine), but never overrides it: it is the user's (or their machine image's) choice.
 
-With the BLAS, the re-exec preloads `gemv_forward.c` (compiled once with the C compiler, cached): a `cblas_sgemm`
-that sends matrix-vector shaped products to `cblas_sgemv` instead (see that file; decoding one token at a time is
-made of them), and the rest on to the BLAS. `RAGMLX_GEMV_FORWARD=0` leaves it out.
+With the BLAS, the re-exec preloads `gemv_forward.c` (compiled once with the C compiler, cached in a folder only
+this user can write to): a `cblas_sgemm` that sends matrix-vector shaped products to `cblas_sgemv` instead (see that
+file; decoding one token at a time is made of them), and the rest on to the BLAS. `RAGMLX_GEMV_FORWARD=0` leaves it
+out. ld.so splits LD_PRELOAD at spaces and colons, so a library whose path has one goes in through a link there.
 
 `mx.compile` on the CPU builds each fused kernel with `g++` the first time a machine needs it;
 `precompile_kernel_header` makes those builds ~4x faster by giving GCC the header they all include precompiled.
@@ -33,7 +34,9 @@ import importlib.util
 import json
 import os
 import platform
+import re
 import shutil
+import stat
 import struct
 import subprocess
 import sys
@@ -60,6 +63,14 @@ _OPENBLAS_PATHS = (
 _SLOW_HINT = "pip install scipy-openblas32 and a C compiler, or apt-get install libopenblas0-pthread"
 # Symbol prefixes of BLAS builds that rename their functions (the scipy-openblas32 wheel).
 _BLAS_PREFIXES = ("scipy_",)
+
+# Functions only optimised BLAS builds define (under the prefixes above too): a library with none of them, and a name
+# classify_blas does not know, is taken for a reference BLAS.
+_BLAS_MARKERS = (
+    ("openblas_get_corename", "OpenBLAS"),
+    ("MKL_Get_Max_Threads", "MKL"),
+    ("bli_info_get_version_str", "BLIS"),
+)
 
 # The AVX-512 parts OpenBLAS's SkylakeX/Cooperlake kernels use, and its kernel sets for AVX2-only CPUs.
 _AVX512 = frozenset({"avx512f", "avx512cd", "avx512bw", "avx512dq", "avx512vl"})
@@ -168,7 +179,8 @@ def find_fast_blas(env: Mapping[str, str] | None = None, with_prefixed: bool = T
     needs gemv_forward.c built: `with_prefixed=False` leaves it out). OpenBLAS comes first because it measured
     faster than MKL for MLX on AMD EPYC (see bench/blas_results.json), the system's before the wheel's because
     its decoding steps measured ~10% faster on machine A (bench/README.md). Raises ValueError when RAGMLX_BLAS
-    names an unusable file.
+    names an unusable file, one that does not load here included (a dependency missing): the re-executed process
+    would die in ld.so before it could say why.
     """
     env = os.environ if env is None else env
     explicit = env.get("RAGMLX_BLAS", "")
@@ -179,7 +191,12 @@ def find_fast_blas(env: Mapping[str, str] | None = None, with_prefixed: bool = T
             raise ValueError(
                 f"RAGMLX_BLAS={explicit}: does not export {', '.join(REQUIRED_SYMBOLS)} (or scipy_cblas_sgemm)"
             )
-        return explicit
+        path = os.path.abspath(explicit)  # ld.so looks for a preloaded name without a slash in its own folders
+        try:
+            ctypes.CDLL(path)  # RTLD_LOCAL: MLX's lookups do not see it here
+        except OSError as err:
+            raise ValueError(f"RAGMLX_BLAS={explicit}: cannot be loaded ({err})") from None
+        return path
     arch = platform.machine() or "x86_64"
     candidates = [p.format(arch=arch) for p in _OPENBLAS_PATHS] + _ldconfig_openblas() + _mkl_candidates()
     for path in candidates:
@@ -193,16 +210,36 @@ def find_fast_blas(env: Mapping[str, str] | None = None, with_prefixed: bool = T
 
 
 def classify_blas(path: str | None) -> str:
-    """Human name of the BLAS library at `path` ("OpenBLAS", "MKL", "BLIS" or "reference netlib BLAS")."""
+    """Human name of the BLAS library at `path` ("OpenBLAS", "MKL", "BLIS", "Arm PL" or "reference netlib BLAS").
+
+    By file and folder name first (Debian's alternatives put OpenBLAS's libblas.so.3 in openblas-pthread/); MLX's
+    bundled mlx_cpu.libs/libblas-*.so is the reference one. Any other name (a renamed copy, README's
+    `RAGMLX_BLAS=/path/libblas.so`) is judged by the functions only an optimised build defines, so that a fast BLAS
+    the user chose is neither reported as failed nor overridden; with none of them it is taken for a reference BLAS.
+    """
     if path is None:
         return "unknown BLAS"
-    # Judge by file and folder name only: Debian's alternatives put OpenBLAS's libblas.so.3 in openblas-pthread/.
-    real = os.path.realpath(path).lower()
-    where = os.path.basename(real) + "/" + os.path.basename(os.path.dirname(real))
-    for key, name in (("mkl", "MKL"), ("openblas", "OpenBLAS"), ("blis", "BLIS"), ("armpl", "Arm PL")):
+    real = os.path.realpath(path)
+    folder, name = os.path.basename(os.path.dirname(real)), os.path.basename(real)
+    if folder == "mlx_cpu.libs" and name.startswith("libblas"):
+        return "reference netlib BLAS"
+    where = f"{name}/{folder}".lower()
+    for key, family in (("mkl", "MKL"), ("openblas", "OpenBLAS"), ("blis", "BLIS"), ("armpl", "Arm PL")):
         if key in where:
-            return name
-    return "reference netlib BLAS"
+            return family
+    return _blas_family_by_symbols(real) or "reference netlib BLAS"
+
+
+def _blas_family_by_symbols(path: str) -> str | None:
+    """The optimised BLAS family whose marker function (_BLAS_MARKERS) the library at `path` defines, else None."""
+    try:
+        names = exported_symbols(path)
+    except (OSError, struct.error):
+        return None
+    for marker, family in _BLAS_MARKERS:
+        if any(f"{prefix}{marker}" in names for prefix in ("", *_BLAS_PREFIXES)):
+            return family
+    return None
 
 
 def cpu_flags(cpuinfo: str = "/proc/cpuinfo") -> frozenset[str]:
@@ -251,33 +288,99 @@ GEMV_FORWARD_SOURCE = Path(__file__).with_name("gemv_forward.c")
 _GEMV_FORWARD_MARK = "ragmlx_gemv_forward_to"  # a function only that library defines
 
 
-def _cache_dir(env: Mapping[str, str]) -> Path:
+def _cache_dirs(env: Mapping[str, str]) -> tuple[Path, Path]:
+    """Where this user's compiled forwarder and preload links go, in order: $XDG_CACHE_HOME/ragmlx (~/.cache/ragmlx),
+    then <temporary folder>/ragmlx-<uid>. One folder per user: a library another user put there would be preloaded
+    into this process."""
     base = env.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
-    return Path(base) / "ragmlx"
+    return Path(base) / "ragmlx", Path(tempfile.gettempdir()) / f"ragmlx-{os.getuid()}"
+
+
+def _is_private(path: Path, kind: Callable[[int], bool]) -> bool:
+    """Whether `path` itself (not a link to it) is a `kind` (stat.S_ISDIR, S_ISREG) owned by this user that no
+    other can write to: what LD_PRELOAD names runs with this user's rights."""
+    try:
+        st = os.lstat(path)
+    except OSError:
+        return False
+    return kind(st.st_mode) and st.st_uid == os.getuid() and not st.st_mode & 0o022
+
+
+def _private_folder(folder: Path) -> bool:
+    """Whether `folder` is private (see _is_private), created with mode 0700 when missing."""
+    try:
+        folder.mkdir(mode=0o700, parents=True, exist_ok=True)
+    except OSError:
+        return False
+    return _is_private(folder, stat.S_ISDIR)
+
+
+def _c_compiler() -> str | None:
+    """The C compiler that builds gemv_forward.c (cc, gcc or g++ on PATH), or None."""
+    return next((c for c in (shutil.which("cc"), shutil.which("gcc"), shutil.which("g++")) if c), None)
 
 
 def build_gemv_forward(env: Mapping[str, str] = os.environ, cache_dir: Path | None = None) -> str | None:
-    """Path of `gemv_forward.c` compiled into a shared library (built once per source, in ~/.cache/ragmlx or the
-    temporary folder); None without a C compiler (cc, gcc or g++) or when the build fails."""
-    compiler = next((c for c in (shutil.which("cc"), shutil.which("gcc"), shutil.which("g++")) if c), None)
+    """Path of `gemv_forward.c` compiled into a shared library, built once per source in the first private folder
+    of _cache_dirs (or `cache_dir`); None without a C compiler (cc, gcc or g++) or a private folder, or when the
+    build fails. A library found there is reused only when this user owns it and no other can write to it."""
+    compiler = _c_compiler()
     if compiler is None or not GEMV_FORWARD_SOURCE.is_file():
         return None
     source = GEMV_FORWARD_SOURCE.read_bytes()
     name = f"libragmlx_gemv_forward-{hashlib.sha1(source + platform.machine().encode()).hexdigest()[:12]}.so"
-    for folder in (cache_dir,) if cache_dir else (_cache_dir(env), Path(tempfile.gettempdir()) / "ragmlx"):
+    for folder in (cache_dir,) if cache_dir else _cache_dirs(env):
+        if not _private_folder(folder):
+            continue
         target = folder / name
-        if target.is_file():
+        if _is_private(target, stat.S_ISREG):
             return str(target)
         try:
-            folder.mkdir(parents=True, exist_ok=True)
             partial = folder / f"{name}.{os.getpid()}.tmp"
             command = [compiler, "-x", "c", "-O2", "-shared", "-fPIC", "-o", str(partial), str(GEMV_FORWARD_SOURCE)]
             done = subprocess.run(command + ["-ldl"], capture_output=True, timeout=120)
             if done.returncode == 0:
+                os.chmod(partial, 0o755)  # under umask 002 it would be group-writable, so not reused
                 os.replace(partial, target)  # atomic: a concurrent start sees the whole library or none
                 return str(target)
             partial.unlink(missing_ok=True)
         except (OSError, subprocess.SubprocessError):
+            continue
+    return None
+
+
+def _forwarder_trouble(env: Mapping[str, str]) -> str:
+    """Why build_gemv_forward(env) gave no library, in words."""
+    if _c_compiler() is None:
+        return "no C compiler (cc, gcc or g++)"
+    if not any(_private_folder(folder) for folder in _cache_dirs(env)):
+        first, second = _cache_dirs(env)
+        return f"no cache folder only this user can write to ({first} and {second} are not)"
+    return "its build failed"
+
+
+# ld.so splits LD_PRELOAD at these, and has no way to escape them.
+_PRELOAD_SEPARATORS = frozenset(" :")
+
+
+def _preloadable(path: str, env: Mapping[str, str]) -> str | None:
+    """`path` as LD_PRELOAD can name it: itself, or, when it holds a space or colon ("/home/me/my project/.venv/..."),
+    a link to it in the first private folder of _cache_dirs whose own path has neither; None when there is none."""
+    if not _PRELOAD_SEPARATORS & set(path):
+        return path
+    target = os.path.abspath(path)
+    digest = hashlib.sha1(os.fsencode(target)).hexdigest()[:12]
+    name = f"preload-{digest}-{re.sub('[ :]', '_', os.path.basename(target))}"  # the library's name, for the reader
+    for folder in _cache_dirs(env):
+        if _PRELOAD_SEPARATORS & set(str(folder)) or not _private_folder(folder):
+            continue
+        partial = folder / f"{name}.{os.getpid()}.tmp"
+        try:
+            partial.unlink(missing_ok=True)
+            os.symlink(target, partial)
+            os.replace(partial, folder / name)  # atomic, like the forwarder's build
+            return str(folder / name)
+        except OSError:
             continue
     return None
 
@@ -447,39 +550,28 @@ def ensure_fast_blas(
     """Re-exec this interpreter with a fast BLAS in LD_PRELOAD when MLX would use the reference one.
 
     Call at start-up, before heavy work, with `sys.argv`. Re-execs only on Linux, when the reference BLAS is in
-    use, a fast one is found, `RAGMLX_FAST_BLAS` is not "0" and `RAGMLX_REEXEC` is not "1" (the loop guard);
+    use, a fast one is found, `RAGMLX_FAST_BLAS` is not "0", `RAGMLX_REEXEC` is not "1" (the loop guard) and the
+    script is not read from standard input (`python -`: the new process would find it used up and do nothing);
     `gemv_forward.c`'s library goes first in LD_PRELOAD when it builds, unless `RAGMLX_GEMV_FORWARD` is "0".
     The real `os.execve` never returns; otherwise the result is a one-line description to print.
     """
     if not _is_linux():
         return "BLAS: Accelerate (macOS)" if _is_macos() else f"BLAS: {blas_in_use()}"
     if env.get("RAGMLX_FAST_BLAS", "") == "0":
-        current = classify_blas(mlx_blas_library())
-        return f"BLAS: {current} (fast path disabled by RAGMLX_FAST_BLAS=0)"
+        return fast_blas_disabled("RAGMLX_FAST_BLAS=0")
     if not uses_reference_blas():
-        path = mlx_blas_library()
-        hint = forced_kernels_hint(openblas_core(path) if path else None, env, cpu_flags())
-        line = _describe(path, ", preloaded" if env.get("RAGMLX_REEXEC") == "1" else "")
-        return f"BLAS: {line}" + (f"; {hint}" if hint else "")
+        return _fast_blas_line(env)
     if env.get("RAGMLX_REEXEC") == "1":
         preload = env.get("LD_PRELOAD", "")
         return f"BLAS: reference netlib BLAS (slow; preloading {preload!r} did not take effect)"
     lib = find_fast_blas(env)
     if lib is None:
         return f"BLAS: reference netlib BLAS (slow; {_SLOW_HINT})"
-    prefix = blas_prefix(lib) or ""
-    forward = build_gemv_forward(env) if needs_forwarder(prefix, env) else None
-    if prefix and not forward:  # MLX reaches a prefixed BLAS only through the forwarder
-        return f"BLAS: reference netlib BLAS (slow; using {lib} needs a C compiler: cc, gcc or g++)"
-    ours = f"{forward}:{lib}" if forward else lib  # the forwarder first: its cblas_sgemm must win the lookup
-    new_env = dict(env)
-    new_env.pop("RAGMLX_BLAS_PREFIX", None)
-    if prefix:  # the names the forwarder calls
-        new_env["RAGMLX_BLAS_PREFIX"] = prefix
-    existing = env.get("LD_PRELOAD", "")
-    new_env["LD_PRELOAD"] = f"{ours}:{existing}" if existing else ours
-    new_env["RAGMLX_REEXEC"] = "1"
-    new_env["RAGMLX_PRELOADED"] = ours  # what we added, for subprocesses that want the user's environment back
+    if argv[:1] in (["-"], [""]):
+        return f"BLAS: reference netlib BLAS (slow; not re-started with {lib}: the script came from standard input)"
+    new_env = _preload_env(lib, env)
+    if isinstance(new_env, str):
+        return f"BLAS: reference netlib BLAS (slow; {new_env})"
     command = _command_line(argv)
     sys.stdout.flush()  # exec discards buffered output
     sys.stderr.flush()
@@ -488,6 +580,52 @@ def ensure_fast_blas(
     except OSError as err:
         return f"BLAS: reference netlib BLAS (slow; re-exec with {lib} failed: {err})"
     return f"BLAS: re-executing with LD_PRELOAD={new_env['LD_PRELOAD']}"
+
+
+def fast_blas_disabled(how: str) -> str:
+    """The start-up line when the user turned the fast path off (`how`: the flag or variable), naming the BLAS."""
+    if not _is_linux():
+        return f"BLAS: {blas_in_use()}"
+    return f"BLAS: {classify_blas(mlx_blas_library())} (fast path disabled by {how})"
+
+
+def _fast_blas_line(env: Mapping[str, str]) -> str:
+    """The start-up line when MLX already uses an optimised BLAS: which, what OPENBLAS_CORETYPE costs, and after our
+    re-exec why the forwarder is not in front where it was wanted (RAGMLX_PRELOAD_NOTE)."""
+    path = mlx_blas_library()
+    reexeced = env.get("RAGMLX_REEXEC") == "1"
+    hint = forced_kernels_hint(openblas_core(path) if path else None, env, cpu_flags())
+    notes = [note for note in (hint, env.get("RAGMLX_PRELOAD_NOTE") if reexeced else None) if note]
+    return f"BLAS: {_describe(path, ', preloaded' if reexeced else '')}" + "".join(f"; {note}" for note in notes)
+
+
+def _preload_env(lib: str, env: Mapping[str, str]) -> dict[str, str] | str:
+    """`env` for the re-exec, with `lib` (behind gemv_forward.c's library where needs_forwarder) in front of
+    LD_PRELOAD; or, when they cannot be preloaded, why not."""
+    prefix = blas_prefix(lib) or ""
+    wanted = needs_forwarder(prefix, env)
+    forward = build_gemv_forward(env) if wanted else None
+    if prefix and not forward:  # MLX reaches a prefixed BLAS only through the forwarder
+        return f"using {lib} needs gemv_forward.c: {_forwarder_trouble(env)}"
+    files = [forward, lib] if forward else [lib]  # the forwarder first: its cblas_sgemm must win the lookup
+    names = [_preloadable(file, env) for file in files]
+    if None in names:
+        unnamed = files[names.index(None)]
+        why = "ld.so splits LD_PRELOAD at spaces and colons, and no private cache folder free of them can hold a link"
+        return f"cannot preload {unnamed}: {why}"
+    ours = ":".join(names)
+    new_env = dict(env)
+    for name in ("RAGMLX_BLAS_PREFIX", "RAGMLX_PRELOAD_NOTE"):  # never inherited from a parent process
+        new_env.pop(name, None)
+    if prefix:  # the names the forwarder calls
+        new_env["RAGMLX_BLAS_PREFIX"] = prefix
+    if wanted and not forward:
+        new_env["RAGMLX_PRELOAD_NOTE"] = f"matrix-vector products not as GEMV: {_forwarder_trouble(env)}"
+    existing = env.get("LD_PRELOAD", "")
+    new_env["LD_PRELOAD"] = f"{ours}:{existing}" if existing else ours
+    new_env["RAGMLX_REEXEC"] = "1"
+    new_env["RAGMLX_PRELOADED"] = ours  # what we added, for subprocesses that want the user's environment back
+    return new_env
 
 
 def keep_freed_memory() -> None:
@@ -555,6 +693,17 @@ def _stamp_matches(stamp_path: Path, compiler: list) -> bool:
         return False
 
 
+def make_dependencies(rule: str) -> list[str]:
+    """The files a make-style dependency rule (what `g++ -MD` writes: "target: dep dep", lines continued with a
+    backslash) lists after its target: continued lines joined, and the backslash GCC puts before a space or '#' in a
+    path and its doubled '$' undone. A plain .split() cut a path with a space (MLX installed under "my project/") in
+    two, so the precompiled header was rebuilt on every start. ValueError for text without a rule."""
+    joined = rule.replace("\\\n", " ")
+    _target, dependencies = re.split(r":\s", joined, maxsplit=1)  # GCC escapes the spaces a target holds
+    words = re.split(r"(?<!\\)\s+", dependencies.strip())
+    return [re.sub(r"\\([ #])", r"\1", word).replace("$$", "$") for word in words if word]
+
+
 def precompile_kernel_header(env: Mapping[str, str] = os.environ, timeout: float = 300) -> str | None:
     """Build MLX's kernel header once as a GCC precompiled header in MLX's kernel folder; its path, or None.
 
@@ -589,8 +738,7 @@ def precompile_kernel_header(env: Mapping[str, str] = os.environ, timeout: float
         command = [gxx, *_KERNEL_FLAGS, "-I", str(include), "-x", "c++-header", str(header), "-o", str(partial)]
         if subprocess.run(command + ["-MD", "-MF", str(deps)], capture_output=True, timeout=timeout).returncode:
             return None
-        # make-style "target: dep dep \ <newline> dep ...": every file the header pulled in
-        headers = deps.read_text().split(":", 1)[1].replace("\\\n", " ").split()
+        headers = make_dependencies(deps.read_text())  # every file the header pulled in
         stamp = json.dumps({"compiler": compiler, "headers": _file_stamps(headers)})
         os.replace(partial, target)  # atomic: a kernel build sees the whole PCH or none
         deps.write_text(stamp)

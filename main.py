@@ -185,6 +185,10 @@ def main(argv: list[str] | None = None, fast_blas: bool = False) -> int:
                 print(fastpath.ensure_fast_blas(sys.argv), flush=True)
             except ValueError as e:  # RAGMLX_BLAS names an unusable library
                 raise pipeline.training.UsageError(str(e)) from None
+        elif fast_blas:  # opted out: the first line still names the BLAS
+            import fastpath
+
+            print(fastpath.fast_blas_disabled("--no_fast_blas"), flush=True)
         return pipeline.run(args)
     except pipeline.USER_ERRORS as e:
         print(f"error: {e}", file=sys.stderr)

@@ -489,6 +489,7 @@ def test_pip_openblas_is_the_last_resort_and_needs_the_forwarder(monkeypatch):
         assert new_env["LD_PRELOAD"] == f"{forwarder}:{PIP_OPENBLAS}" and new_env["RAGMLX_BLAS_PREFIX"] == "scipy_"
         assert new_env.get("RAGMLX_GEMV_FORWARD") == env.get("RAGMLX_GEMV_FORWARD")
     monkeypatch.setattr(fastpath, "build_gemv_forward", lambda env=None, cache_dir=None: None)
+    monkeypatch.setattr(fastpath, "_c_compiler", lambda: None)
     execv = FakeExec()
     message = fastpath.ensure_fast_blas(["main.py"], env={}, execv=execv)
     assert not execv.calls and "slow" in message and "C compiler" in message
@@ -549,3 +550,226 @@ def test_runtime_setup_compiles_where_g_plus_plus_is_and_says_so_where_not(monke
         assert args.use_compile == (choice == "yes" or (choice == "auto" and jit))
         assert ("g++ not found" in said) == (not jit and choice != "no")
     assert len(built) == (2 if jit else 0)  # the kernels' header, unless --compile no
+
+
+REAL_USES_REFERENCE_BLAS = fastpath.uses_reference_blas
+# The CBLAS entry points MLX imports, as empty functions: enough for the symbol checks, never called.
+TINY_BLAS = "void cblas_sgemm(void) {}\nvoid cblas_dgemm(void) {}\nvoid cblas_cgemm(void) {}\n"
+OPENBLAS_MARK = 'const char *openblas_get_corename(void) { return "Tiny"; }\n'
+
+
+def _build_library(path: Path, source: str, *flags: str) -> Path:
+    """`source` compiled with the C compiler into the shared library `path`; skips the test without a compiler."""
+    compiler = fastpath._c_compiler()
+    if compiler is None or not sys.platform.startswith("linux"):
+        pytest.skip("needs a C compiler on Linux")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    c_file = path.with_name(path.name + ".c")
+    c_file.write_text(source)
+    subprocess.run(
+        [compiler, "-shared", "-fPIC", "-o", str(path), str(c_file), *flags], check=True, capture_output=True
+    )
+    return path
+
+
+def test_blas_with_an_unknown_name_is_judged_by_its_marker_functions(tmp_path):
+    renamed = _build_library(tmp_path / "libmyblas.so", TINY_BLAS + OPENBLAS_MARK)
+    assert fastpath.classify_blas(str(renamed)) == "OpenBLAS"
+    mkl = _build_library(tmp_path / "libvendor.so", TINY_BLAS + "int MKL_Get_Max_Threads(void) { return 1; }\n")
+    assert fastpath.classify_blas(str(mkl)) == "MKL"
+    prefixed = _build_library(tmp_path / "libx.so", 'const char *scipy_openblas_get_corename(void) { return ""; }\n')
+    assert fastpath.classify_blas(str(prefixed)) == "OpenBLAS"
+    netlib = _build_library(tmp_path / "libblas.so", TINY_BLAS)  # no marker: a reference BLAS
+    assert fastpath.classify_blas(str(netlib)) == "reference netlib BLAS"
+    bundled = tmp_path / "mlx_cpu.libs" / "libblas-0123abcd.so.3"  # MLX's own, whatever it exports
+    bundled.parent.mkdir()
+    bundled.write_bytes(renamed.read_bytes())
+    assert fastpath.classify_blas(str(bundled)) == "reference netlib BLAS"
+
+
+def test_a_fast_blas_the_user_chose_under_another_name_is_kept_and_reported(slow_linux, monkeypatch, tmp_path):
+    renamed = str(_build_library(tmp_path / "libmyblas.so", TINY_BLAS + OPENBLAS_MARK))
+    monkeypatch.setattr(fastpath, "uses_reference_blas", REAL_USES_REFERENCE_BLAS)
+    monkeypatch.setattr(fastpath, "mlx_blas_library", lambda: renamed)
+    execv = FakeExec()
+    preloaded_by_user = fastpath.ensure_fast_blas(["main.py"], env={"LD_PRELOAD": renamed}, execv=execv)
+    assert execv.calls == [], "a fast BLAS the user preloaded must not be overridden"
+    assert preloaded_by_user == f"BLAS: OpenBLAS ({renamed}, Tiny kernels)"
+    env = {"RAGMLX_BLAS": renamed, "RAGMLX_REEXEC": "1", "LD_PRELOAD": renamed}  # after the re-exec RAGMLX_BLAS made
+    assert (
+        fastpath.ensure_fast_blas(["main.py"], env=env, execv=execv)
+        == f"BLAS: OpenBLAS ({renamed}, preloaded, Tiny kernels)"
+    )
+    assert execv.calls == []
+
+
+def test_explicit_blas_that_cannot_load_is_refused_before_the_reexec(tmp_path, monkeypatch):
+    dependency = _build_library(tmp_path / "libdep.so", "void dep_fn(void) {}\n")
+    source = "void dep_fn(void);\n" + TINY_BLAS.replace("cblas_sgemm(void) {}", "cblas_sgemm(void) { dep_fn(); }")
+    library = _build_library(tmp_path / "libfakeblas.so", source, f"-L{tmp_path}", "-ldep")
+    dependency.unlink()  # the re-executed interpreter would die in ld.so (exit 127) before saying anything
+    with pytest.raises(ValueError, match=r"RAGMLX_BLAS=.*libfakeblas.so: cannot be loaded \(.*libdep.so"):
+        fastpath.find_fast_blas({"RAGMLX_BLAS": str(library)})
+    loads = _build_library(tmp_path / "libgood.so", TINY_BLAS)
+    monkeypatch.chdir(tmp_path)
+    assert fastpath.find_fast_blas({"RAGMLX_BLAS": "libgood.so"}) == str(loads)  # absolute: ld.so reads no cwd
+
+
+@pytest.fixture
+def private_tmp(monkeypatch, tmp_path):
+    """A temporary folder of the test's own (tempfile.gettempdir()), for the per-user fallback cache folder."""
+    tmp = tmp_path / "tmp"
+    tmp.mkdir()
+    monkeypatch.setattr(fastpath.tempfile, "tempdir", str(tmp))
+    return tmp
+
+
+def test_paths_with_spaces_or_colons_are_preloaded_through_links(slow_linux, monkeypatch, tmp_path, private_tmp):
+    forwarder = tmp_path / "cache dir" / "ragmlx" / "libragmlx_gemv_forward-abc.so"
+    blas = tmp_path / "my project:1" / ".venv" / "libopenblas.so.0"
+    for library in (forwarder, blas):
+        library.parent.mkdir(parents=True)
+        library.write_bytes(b"")
+    monkeypatch.setattr(fastpath, "build_gemv_forward", lambda env=None, cache_dir=None: str(forwarder))
+    monkeypatch.setattr(fastpath, "find_fast_blas", lambda env=None: str(blas))
+    links = private_tmp / f"ragmlx-{os.getuid()}"  # the cache folder's own path has a space: the fallback
+    for cache, folder in ((tmp_path / "cache dir", links), (tmp_path / "cache", tmp_path / "cache" / "ragmlx")):
+        execv = FakeExec()
+        env = {"XDG_CACHE_HOME": str(cache), "LD_PRELOAD": "/x/libjemalloc.so"}
+        fastpath.ensure_fast_blas(["main.py"], env=env, execv=execv)
+        preload = execv.calls[0][2]["LD_PRELOAD"]
+        first, second, rest = preload.split(":")
+        assert " " not in preload and rest == "/x/libjemalloc.so"
+        assert Path(first).parent == folder and os.readlink(first) == str(forwarder)
+        assert Path(second).parent == folder and os.readlink(second) == str(blas) and "libopenblas" in second
+        assert execv.calls[0][2]["RAGMLX_PRELOADED"] == f"{first}:{second}"
+        assert (folder.stat().st_mode & 0o777) == 0o700
+
+
+def test_no_reexec_when_no_private_folder_can_hold_a_link(slow_linux, monkeypatch, tmp_path):
+    monkeypatch.setattr(fastpath.tempfile, "tempdir", str(tmp_path / "tmp dir"))
+    monkeypatch.setattr(fastpath, "find_fast_blas", lambda env=None: "/opt/my libs/libopenblas.so.0")
+    execv = FakeExec()
+    message = fastpath.ensure_fast_blas(["main.py"], env={"XDG_CACHE_HOME": str(tmp_path / "c d")}, execv=execv)
+    assert execv.calls == []
+    assert message.startswith("BLAS: reference netlib BLAS (slow; cannot preload /opt/my libs/libopenblas.so.0: ")
+    assert "spaces and colons" in message
+
+
+@needs_pip_openblas
+def test_real_reexec_with_a_blas_under_a_path_with_a_space(tmp_path):
+    if fastpath._c_compiler() is None:
+        pytest.skip("no C compiler here")
+    venv = tmp_path / "my project" / "lib"  # e.g. a venv under "/home/me/my project/.venv"
+    venv.mkdir(parents=True)
+    (venv / "libscipy_openblas.so").symlink_to(PIP_OPENBLAS)
+    (tmp_path / "tmp").mkdir()
+    env = {**_clean_env(), "RAGMLX_BLAS": str(venv / "libscipy_openblas.so"), "PYTHONPATH": str(ROOT)}
+    env.update(XDG_CACHE_HOME=str(tmp_path / "cache dir"), TMPDIR=str(tmp_path / "tmp"))
+    out = subprocess.run([sys.executable, "-c", _PIP_CHILD], env=env, capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr  # was 134: only the forwarder loaded, with no BLAS behind it
+    message, checks, in_use = out.stdout.strip().splitlines()[-3:]
+    assert float(checks.split()[0]) < 1e-3
+    assert in_use.startswith("OpenBLAS (") and ", preloaded" in message and "matrix-vector products as GEMV" in in_use
+
+
+def test_forwarder_cache_is_per_user_and_trusts_no_one_elses_files(monkeypatch, tmp_path, private_tmp):
+    own = fastpath.build_gemv_forward(cache_dir=tmp_path / "own")
+    if own is None or not sys.platform.startswith("linux"):
+        pytest.skip("needs a C compiler on Linux")
+    name = os.path.basename(own)
+    private_tmp.chmod(0o1777)  # like /tmp
+    planted = private_tmp / "ragmlx" / name  # what the old shared fallback folder held, from another user
+    planted.parent.mkdir()
+    planted.write_bytes(b"planted")
+    env = {"XDG_CACHE_HOME": str(tmp_path / "notadir")}  # ~/.cache unusable: the temporary folder's turn
+    (tmp_path / "notadir").write_text("")
+    mine = private_tmp / f"ragmlx-{os.getuid()}"
+    assert fastpath.build_gemv_forward(env) == str(mine / name)
+    assert (mine.stat().st_mode & 0o777) == 0o700 and (mine / name).read_bytes() == Path(own).read_bytes()
+    (mine / name).write_bytes(b"planted")
+    (mine / name).chmod(0o666)  # a library others could have written: rebuilt, not reused
+    assert fastpath.build_gemv_forward(env) == str(mine / name) and (mine / name).read_bytes() != b"planted"
+    assert ((mine / name).stat().st_mode & 0o777) == 0o755
+    mine.chmod(0o777)  # a folder others can write to: not used at all
+    assert fastpath.build_gemv_forward(env) is None
+    assert "no cache folder only this user can write to" in fastpath._forwarder_trouble(env)
+    if os.getuid() == 0:  # a folder another user made for us
+        mine.chmod(0o700)
+        os.chown(mine, 12345, -1)
+        assert fastpath.build_gemv_forward(env) is None
+
+
+def test_without_a_private_folder_the_forwarder_is_left_out_and_the_line_says_why(slow_linux, monkeypatch, tmp_path):
+    monkeypatch.setattr(fastpath.tempfile, "tempdir", str(tmp_path))
+    monkeypatch.setattr(fastpath, "_c_compiler", lambda: "/usr/bin/cc")
+    (tmp_path / f"ragmlx-{os.getuid()}").mkdir(mode=0o777)
+    (tmp_path / f"ragmlx-{os.getuid()}").chmod(0o777)
+    execv = FakeExec()
+    env = {"XDG_CACHE_HOME": str(tmp_path / "notadir")}
+    (tmp_path / "notadir").write_text("")
+    fastpath.ensure_fast_blas(["main.py"], env=env, execv=execv)
+    new_env = execv.calls[0][2]
+    assert new_env["LD_PRELOAD"] == FAKE_LIB  # the BLAS still, without the forwarder
+    note = new_env["RAGMLX_PRELOAD_NOTE"]
+    assert note.startswith("matrix-vector products not as GEMV: no cache folder only this user can write to")
+    monkeypatch.setattr(fastpath, "uses_reference_blas", lambda: False)
+    monkeypatch.setattr(fastpath, "mlx_blas_library", lambda: FAKE_LIB)
+    monkeypatch.setattr(fastpath, "openblas_core", lambda path: None)
+    line = fastpath.ensure_fast_blas(["main.py"], env=new_env, execv=execv)
+    assert line == f"BLAS: OpenBLAS ({FAKE_LIB}, preloaded); {note}"
+
+
+def test_make_dependencies_reads_escaped_spaces_and_continued_lines():
+    rule = "/tmp/my\\ kernels/h.gch: \\\n /opt/my\\ site/mlx/include/a.h /usr/include/b.h \\\n /x/c\\#d.h /x/$$e.h\n"
+    assert fastpath.make_dependencies(rule) == [
+        "/opt/my site/mlx/include/a.h",
+        "/usr/include/b.h",
+        "/x/c#d.h",
+        "/x/$e.h",
+    ]
+    with pytest.raises(ValueError):
+        fastpath.make_dependencies("no rule here")
+
+
+_PCH_TWICE = """
+import os, fastpath, mlx.core as mx
+first = fastpath.precompile_kernel_header()
+stamp = os.stat(first).st_mtime_ns if first else None
+second = fastpath.precompile_kernel_header()
+print(mx.__file__, first == second and stamp == os.stat(second).st_mtime_ns, sep="\\n")
+"""
+
+
+@needs_gxx
+def test_precompiled_kernel_header_is_reused_when_mlx_lives_under_a_path_with_a_space(tmp_path):
+    site = tmp_path / "my site"  # MLX installed in e.g. "/home/me/my project/.venv"
+    site.mkdir()
+    for package in ("mlx", "mlx_cpu.libs"):
+        installed = _mlx_lib_dir().parent.parent / package
+        if installed.exists():
+            (site / package).symlink_to(installed)
+    env = {**os.environ, "TMPDIR": str(tmp_path), "PYTHONPATH": f"{site}{os.pathsep}{ROOT}"}
+    env.pop("RAGMLX_KERNEL_PCH", None)
+    out = subprocess.run([sys.executable, "-c", _PCH_TWICE], env=env, capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr
+    where, reused = out.stdout.strip().splitlines()[-2:]
+    assert where.startswith(str(site)) and reused == "True"  # built once, not deleted and rebuilt by the next call
+
+
+def test_script_from_standard_input_is_not_reexecuted(slow_linux):
+    execv = FakeExec()
+    message = fastpath.ensure_fast_blas(["-", "--target", "none"], env={}, execv=execv)
+    assert execv.calls == [], "`python -` would start again on a used-up standard input and do nothing"
+    assert message.startswith("BLAS: reference netlib BLAS (slow; not re-started") and "standard input" in message
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="the BLAS line's opt-outs are Linux's")
+def test_no_fast_blas_flag_still_names_the_blas_first():
+    env = _clean_env()
+    for flag, extra in (("--no_fast_blas", {}), ("", {"RAGMLX_FAST_BLAS": "0"})):
+        command = [sys.executable, "main.py", "--target", "none"] + ([flag] if flag else [])
+        out = subprocess.run(command, cwd=ROOT, env={**env, **extra}, capture_output=True, text=True, timeout=120)
+        assert out.returncode == 0, out.stderr
+        first = out.stdout.splitlines()[0]
+        assert first.startswith("BLAS: ") and f"(fast path disabled by {flag or 'RAGMLX_FAST_BLAS=0'})" in first
