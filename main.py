@@ -17,7 +17,7 @@ class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
     """Shows defaults, except for flags whose None means "from the checkpoint" (their help says the default)."""
 
     def _get_help_string(self, action):
-        if action.default in (None, False):
+        if action.default is None or action.default is False:  # not 0: --seed, --temperature... show theirs
             return action.help
         return super()._get_help_string(action)
 
@@ -37,7 +37,10 @@ def build_parser() -> argparse.ArgumentParser:
     )
     g = p.add_argument_group("what to run")
     g.add_argument(
-        "--target", choices=TARGETS, default="all", help="stage to run; each runs (or reuses) the stages before it"
+        "--target",
+        choices=TARGETS,
+        default="all",
+        help="stage to run; each runs (or reuses) the stages before it (eval: the dataset, then the trained models)",
     )
     g.add_argument(
         "--inference",
@@ -128,8 +131,8 @@ def build_parser() -> argparse.ArgumentParser:
         "--eval_chunks",
         type=int,
         default=200_000,
-        help="the retriever's in-training evaluation scores against all chunks up to this many, else against "
-        "the labelled ones and a fixed random sample of this size (optimistic; the final index is whole)",
+        help="the retriever's in-training evaluation scores against all chunks up to this many, else against this "
+        "many in all: the labelled ones filled up with a fixed random sample (optimistic; the final index is whole)",
     )
     g.add_argument(
         "--local_negatives",
