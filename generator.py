@@ -194,8 +194,9 @@ class Generator(nn.Module):
             return self.decode(tokens, memory, log=False, last=True)[:, -1, :]
 
         tokens = mx.full((memory.states.shape[0], 1), BOS_ID, dtype=mx.int32)
+        spread = cores.spread if len(tokens) > 1 else nullcontext  # one row: keep the BLAS threads, as `generate`
         for _ in range(max_tokens):
-            with cores.spread():
+            with spread():
                 nxt = mx.argmax(cores.map_rows(last_probs, tokens, memory), axis=-1).astype(mx.int32)
                 tokens = mx.concatenate([tokens, nxt[:, None]], axis=1)
                 mx.eval(tokens)

@@ -111,6 +111,9 @@ def fig_train(worker: Worker, kind: str, size_name: str, cfg: dict, workdir: Pat
     import cores
 
     optimizer = optim.AdamW(learning_rate=1e-3, weight_decay=0.01)
+    # Its state made before the steps are traced: the first update would otherwise add the moments, and the
+    # compiled steps would trace again inside the first timed sample.
+    optimizer.init(model.trainable_parameters())
     steps = {c: T.build_step(model, optimizer, loss_fn, grad_clip=1.0, compile=c) for c in (True, False)}
     packed = packed_batch(kind, batch_np)
 

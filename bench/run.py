@@ -130,7 +130,7 @@ def main(argv: list[str], blas_line: str) -> int:
 
     mx.set_default_device(mx.cpu)
     fastpath.keep_freed_memory()  # as main.py sets up the CPU
-    cores.configure(0)
+    cores.configure(args.threads or 0)  # --threads N: N streams of one BLAS thread each, as torch gets N threads
     cfg = {"warmup": 1, "steps": 1, "repeats": args.repeats, "no_torch_compile": args.no_torch_compile,
            "embed_chunks": 512 if args.quick else 2048, "profile": args.profile}
     load_start, started = os.getloadavg(), time.perf_counter()

@@ -201,17 +201,24 @@ class Generator(nn.Module):
         attn, gate = self.pointer(h, memory, memory_mask)
         index = passages.reshape(B, 1, P * L).expand(B, T, P * L)
         copy = torch.zeros_like(logits).scatter_add(2, index, attn)
-        return torch.log((1 - gate) * logits.softmax(-1) + gate * copy + 1e-9)
+        return (1 - gate) * logits.softmax(-1) + gate * copy  # probabilities: the loss logs the targets' only
+
+
+def target_log_probs(model: Generator, out, answer_out):
+    """log p of each target token from `model`'s output (log-probs, or the copy mixture's probabilities, whose
+    log is taken of the targets alone, as generator._answer_sums does)."""
+    picked = out.gather(-1, answer_out[..., None]).squeeze(-1)
+    return torch.log(picked + 1e-9) if model.copy else picked
 
 
 def seq2seq_loss(model: Generator, passages, answer_in, answer_out):
     """generator.seq2seq_loss: mean negative log-likelihood over non-PAD targets."""
-    logp = model(passages, answer_in)
+    out = model(passages, answer_in)
     mask = answer_out != PAD_ID
-    nll = -logp.gather(-1, answer_out[..., None]).squeeze(-1)
+    nll = -target_log_probs(model, out, answer_out)
     ntok = mask.sum().clamp_min(1)
     loss = (nll * mask).sum() / ntok
-    acc = ((logp.argmax(-1) == answer_out) & mask).sum() / ntok
+    acc = ((out.argmax(-1) == answer_out) & mask).sum() / ntok  # log is monotone: the same argmax
     return loss, acc
 
 

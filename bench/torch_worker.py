@@ -97,7 +97,8 @@ def worker_task(task: str, spec: dict, state: dict) -> dict:
         return m
 
     def make_step(m, loss):
-        opt = torch.optim.AdamW(m.parameters(), lr=1e-3, weight_decay=0.01)
+        # fused: torch's fastest AdamW on the CPU (the default per-tensor loop took ~20 ms of a retriever step)
+        opt = torch.optim.AdamW(m.parameters(), lr=1e-3, weight_decay=0.01, fused=True)
 
         def step():
             opt.zero_grad(set_to_none=True)
