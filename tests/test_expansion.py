@@ -198,7 +198,9 @@ def test_load_errors_name_the_flag(tmp_path, monkeypatch):
 # ------------------------------------------------------------------ dataset integration
 
 
-def test_build_dataset_stores_expansions_and_reuses_the_cache(tiny_model_dir, tmp_path, monkeypatch):
+@pytest.fixture
+def expansion_calls(monkeypatch) -> list[int]:
+    """How many answers each call of expansion.expand_answers was given (short sentences, no progress bar)."""
     calls = []
     real = E.expand_answers
 
@@ -207,6 +209,11 @@ def test_build_dataset_stores_expansions_and_reuses_the_cache(tiny_model_dir, tm
         return real(model, tokenizer, pairs, max_tokens=8, **dict(kw, progress=False))
 
     monkeypatch.setattr(E, "expand_answers", counting)
+    return calls
+
+
+def test_build_dataset_stores_expansions_and_reuses_the_cache(tiny_model_dir, tmp_path, monkeypatch, expansion_calls):
+    calls = expansion_calls
     spec = D.SourceSpec(corpus_size=20, expander_model=str(tiny_model_dir))
     to_dir = tmp_path / "dataset"
     D.build_dataset(spec, to_dir, VOCAB, 32, log=quiet)
@@ -231,15 +238,8 @@ def test_build_dataset_stores_expansions_and_reuses_the_cache(tiny_model_dir, tm
     assert [q["expanded"] for q in D.Dataset(to_dir).qa] == expanded
 
 
-def test_sentences_survive_a_build_that_fails_after_expanding(tiny_model_dir, tmp_path, monkeypatch):
-    calls = []
-    real = E.expand_answers
-
-    def counting(model, tokenizer, pairs, **kw):
-        calls.append(len(pairs))
-        return real(model, tokenizer, pairs, max_tokens=8, **dict(kw, progress=False))
-
-    monkeypatch.setattr(E, "expand_answers", counting)
+def test_sentences_survive_a_build_that_fails_after_expanding(tiny_model_dir, tmp_path, expansion_calls):
+    calls = expansion_calls
     spec = D.SourceSpec(corpus_size=20, expander_model=str(tiny_model_dir))
     to_dir = tmp_path / "dataset"
     with pytest.raises(D.DatasetError):  # the tokenizer cannot train a vocabulary this large on 20 documents
