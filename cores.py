@@ -160,7 +160,7 @@ def spread_row_slices(rows: int, spreading: bool | None = None) -> list[slice]:
     """The row slices `map_rows` will use inside `spread` (`spreading`: `spreads()`, which a thread other than
     the one that set the default device should be given), for per-slice data made on the host (`PerPart`)."""
     spreading = spreads() if spreading is None else spreading
-    return _slices(rows, min(count(), rows) if spreading else 1)
+    return _slices(rows, max(1, min(count(), rows)) if spreading else 1)  # 0 rows: one empty slice
 
 
 @dataclass(frozen=True)

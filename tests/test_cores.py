@@ -77,6 +77,7 @@ def test_per_part_values_go_to_their_slice_as_planned_on_the_host(streams):
     slices = cores.spread_row_slices(7)
     assert slices == [slice(0, 2), slice(2, 4), slice(4, 7)]
     assert cores.spread_row_slices(7, spreading=False) == [slice(0, 7)]
+    assert cores.spread_row_slices(0, spreading=True) == [slice(0, 0)]  # no rows: one empty slice, not a crash
     with cores.spread():
         assert [rows for _, rows in cores.row_parts(7)] == slices  # the plan is the split
         out = cores.map_rows(lambda r, v: r * 0 + v, x, cores.PerPart([10, 20, 30]))
