@@ -32,7 +32,7 @@ ORG_KINDS = ("company", "guild", "order")
 WORK_KINDS = ("book", "opera", "painting")
 MIN_WORDS = 30
 # Bump whenever the output for a given (num_documents, seed) changes, so caches keyed on it are rebuilt.
-VERSION = 1
+VERSION = 2  # 2: a teacher is alive when the pupil is 15 (a third of them had died before)
 
 # ---------------------------------------------------------------------------------------------------------------
 # Name material. Syllables are onset + vowel (+ coda); every invented root is used once in a corpus.
@@ -488,10 +488,11 @@ def _assign_facts(entities: list[_Entity], namer: _Namer) -> None:
         p.facts.update(occupation=rng.choice(OCCUPATIONS), birth_year=birth, death_year=birth + rng.randint(30, 95))
         if towns:
             p.facts["birthplace"] = rng.choice(towns)
-    for p in persons:  # teachers are older persons, found by a few random tries
+    for p in persons:  # teachers are older persons still alive in the pupil's youth, found by a few random tries
         for _ in range(8):
             t = rng.choice(persons)
-            if 15 <= p.facts["birth_year"] - t.facts["birth_year"] <= 70:
+            gap = p.facts["birth_year"] - t.facts["birth_year"]
+            if 15 <= gap <= 70 and t.facts["death_year"] >= p.facts["birth_year"] + 15:
                 p.facts["teacher"] = t
                 break
     for t in towns:
