@@ -16,6 +16,7 @@ if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
 import fastpath  # noqa: E402
+import jit  # noqa: E402
 
 if sys.platform.startswith("linux") and os.environ.get("RAGMLX_FAST_BLAS") != "0" and "mlx.core" not in sys.modules:
     _forward = fastpath.build_gemv_forward()
@@ -28,7 +29,7 @@ import cores  # noqa: E402
 
 cores.widen_graph_order()
 # MLX's kernel builds for the tests' mx.compile calls, ~4x faster (Linux with g++; elsewhere nothing happens).
-fastpath.precompile_kernel_header()
+jit.precompile_kernel_header()
 
 
 @pytest.fixture

@@ -70,3 +70,10 @@ def write_bytes_named(folder: Path, name: bytes, data: bytes) -> None:
         pytest.skip("this file system takes UTF-8 file names only")
     os.write(fd, data)
     os.close(fd)
+
+
+def mlx_lib_dir() -> Path:
+    """The folder of the installed MLX's libmlx."""
+    import mlx.core as mx
+
+    return Path(mx.__file__).resolve().parent / "lib"

@@ -17,7 +17,7 @@ import pytest
 from helpers import build_builtin, tiny_generator, tiny_retriever
 
 import cores  # noqa: E402
-import fastpath  # noqa: E402
+import jit  # noqa: E402
 import generator as G  # noqa: E402
 import retriever as R  # noqa: E402
 import training as T  # noqa: E402
@@ -290,7 +290,7 @@ with cores.spread():
 """
 
 
-@pytest.mark.skipif(not fastpath.compiler_available(), reason="mx.compile on the CPU needs g++")
+@pytest.mark.skipif(not jit.compiler_available(), reason="mx.compile on the CPU needs g++")
 def test_spread_compiled_kernels_keep_their_constants_on_every_stream(tmp_path):
     """With MLX's merge, the second stream's kernel reads the constants as full-size inputs (a strided kernel);
     `configure` keeps them as constants, so every stream's kernel is the contiguous one (MLX writes each kernel's

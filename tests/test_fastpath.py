@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import os
 import platform
 import struct
@@ -14,6 +13,8 @@ import numpy as np
 import pytest
 
 import fastpath
+import jit
+from helpers import mlx_lib_dir
 
 ROOT = Path(__file__).resolve().parent.parent
 FAKE_LIB = "/opt/fake/libopenblas.so.0"
@@ -100,7 +101,7 @@ def test_macos_never_reexecs_and_is_not_reference(monkeypatch):
     # The real check must not be fooled by this Linux process's maps.
     assert fastpath.uses_reference_blas() is False
     assert fastpath.blas_in_use() == "Accelerate (macOS)"
-    assert fastpath.compiler_available() is True
+    assert jit.compiler_available() is True
 
 
 def test_explicit_blas_path_errors_name_the_variable(tmp_path):
@@ -112,19 +113,13 @@ def test_explicit_blas_path_errors_name_the_variable(tmp_path):
         fastpath.find_fast_blas({"RAGMLX_BLAS": str(not_elf)})
 
 
-def _mlx_lib_dir() -> Path:
-    import mlx.core as mx
-
-    return Path(mx.__file__).resolve().parent / "lib"
-
-
 def test_symbol_reader_sees_defined_not_imported_symbols():
-    libmlx = _mlx_lib_dir() / "libmlx.so"
+    libmlx = mlx_lib_dir() / "libmlx.so"
     if not libmlx.exists():
         pytest.skip("mlx is not the Linux wheel layout (no mlx/lib/libmlx.so)")
     # libmlx.so imports cblas_sgemm, so it must not count as exporting it.
     assert "cblas_sgemm" not in fastpath.exported_symbols(str(libmlx))
-    bundled = sorted((_mlx_lib_dir().parent.parent / "mlx_cpu.libs").glob("libblas-*.so*"))
+    bundled = sorted((mlx_lib_dir().parent.parent / "mlx_cpu.libs").glob("libblas-*.so*"))
     if bundled:
         assert fastpath.is_usable_blas(str(bundled[0]))
         assert fastpath.classify_blas(str(bundled[0])) == "reference netlib BLAS"
@@ -152,17 +147,6 @@ def test_numpy_scipy_openblas_is_not_preloadable():
 )
 def test_classify_blas(path, name):
     assert fastpath.classify_blas(path) == name
-
-
-def test_compiler_check(monkeypatch):
-    monkeypatch.setattr(sys, "platform", "linux")
-    monkeypatch.setattr(platform, "system", lambda: "Linux")
-    monkeypatch.setattr(fastpath.shutil, "which", lambda name: None)
-    assert fastpath.compiler_available() is False
-    assert "g++" in fastpath.compiler_message()
-    monkeypatch.setattr(fastpath.shutil, "which", lambda name: f"/usr/bin/{name}")
-    assert fastpath.compiler_available() is True
-    assert fastpath.compiler_message() is None
 
 
 def _clean_env() -> dict[str, str]:
@@ -203,7 +187,7 @@ def test_real_reexec_loads_fast_blas():
 
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="the BLAS re-exec only happens on Linux")
 def test_real_opt_out_keeps_bundled_blas():
-    bundled = sorted((_mlx_lib_dir().parent.parent / "mlx_cpu.libs").glob("libblas-*.so*"))
+    bundled = sorted((mlx_lib_dir().parent.parent / "mlx_cpu.libs").glob("libblas-*.so*"))
     if not bundled:
         pytest.skip("this mlx build does not bundle the reference BLAS")
     env = dict(_clean_env(), RAGMLX_FAST_BLAS="0")
@@ -390,65 +374,6 @@ def test_openblas_core_names_the_forced_kernels():
     assert fastpath.openblas_core("libc.so.6") is None  # a library without openblas_get_corename
 
 
-needs_gxx = pytest.mark.skipif(
-    not sys.platform.startswith("linux") or fastpath.compiler_available() is False, reason="needs g++ on Linux"
-)
-
-# Run in a child with TMPDIR set: precompile MLX's kernel header, then compile a function (MLX builds its kernel in
-# the same folder) and print the PCH path and the max error against the uncompiled function.
-_PCH_CHILD = """
-import sys, fastpath, mlx.core as mx
-pch = fastpath.precompile_kernel_header()
-fn = lambda x: mx.tanh(x) * 3.0 + mx.exp(-x)
-x = mx.arange(40, dtype=mx.float32) / 7.0
-print(pch)
-print(mx.abs(mx.compile(fn)(x) - fn(x)).max().item())
-"""
-
-
-@needs_gxx
-def test_precompiled_kernel_header_is_what_mlx_kernel_builds_use(tmp_path):
-    env = {**os.environ, "TMPDIR": str(tmp_path), "PYTHONPATH": str(ROOT)}
-    env.pop("RAGMLX_KERNEL_PCH", None)
-    out = subprocess.run([sys.executable, "-c", _PCH_CHILD], env=env, capture_output=True, text=True, timeout=300)
-    assert out.returncode == 0, out.stderr
-    pch, err = out.stdout.split()
-    assert float(err) < 1e-6
-    kernel_dir = fastpath.mlx_kernel_dir({"TMPDIR": str(tmp_path)})
-    assert Path(pch) == kernel_dir / f"{fastpath.KERNEL_HEADER}.gch" and Path(pch).stat().st_size > 1 << 20
-    sources = sorted(kernel_dir.glob("*.cpp"))  # the kernel MLX wrote and built there: our folder is its folder
-    assert sources and (kernel_dir / f"lib{sources[0].stem}.so").is_file()
-    # MLX's own build command on its kernel, with -H: GCC marks a PCH it used with "!", one it rejected with "x"
-    import mlx.core as mx
-
-    include = Path(mx.__file__).parent / "include"
-    cmd = ["g++", "-std=c++17", "-O3", "-Wall", "-fPIC", "-shared", "-I", str(include), "-H", "-Winvalid-pch"]
-    built = subprocess.run(cmd + [str(sources[0]), "-o", str(tmp_path / "k.so")], capture_output=True, text=True)
-    assert built.returncode == 0, built.stderr
-    assert f"! {pch}" in built.stderr.splitlines()
-
-
-@needs_gxx
-def test_precompiled_kernel_header_is_rebuilt_when_stale_and_can_be_turned_off(tmp_path):
-    env = {"TMPDIR": str(tmp_path), "PATH": os.environ["PATH"]}
-    assert fastpath.precompile_kernel_header({**env, "RAGMLX_KERNEL_PCH": "0"}) is None
-    assert not (tmp_path / "mlx").exists()
-    pch = Path(fastpath.precompile_kernel_header(env))
-    stamp = pch.with_name(pch.name + ".json")
-    first = pch.stat().st_mtime_ns
-    assert fastpath.precompile_kernel_header(env) == str(pch) and pch.stat().st_mtime_ns == first  # reused
-    recorded = json.loads(stamp.read_text())
-    assert any(h[0].endswith(fastpath.KERNEL_HEADER) for h in recorded["headers"])
-    recorded["headers"][0][1] += 1  # as if a header had changed size since
-    stamp.write_text(json.dumps(recorded))
-    assert fastpath.precompile_kernel_header(env) == str(pch) and pch.stat().st_mtime_ns != first
-    second = pch.stat().st_mtime_ns
-    stamp.write_text("{not json")  # a torn or foreign stamp: rebuilt, never trusted
-    assert fastpath.precompile_kernel_header(env) == str(pch) and pch.stat().st_mtime_ns != second
-    assert json.loads(stamp.read_text())["headers"][0][1] == recorded["headers"][0][1] - 1
-    assert sorted(p.name for p in pch.parent.iterdir()) == [pch.name, stamp.name]  # no partial files left
-
-
 PIP_OPENBLAS = next(iter(fastpath._pip_openblas_candidates()), None)
 needs_pip_openblas = pytest.mark.skipif(
     not sys.platform.startswith("linux") or PIP_OPENBLAS is None, reason="needs the scipy-openblas32 wheel on Linux"
@@ -529,27 +454,6 @@ def test_real_reexec_with_the_pip_openblas():
         assert float(worst) < 1e-3 and threads == "True"  # products right; spread() can set its thread count
         assert in_use.startswith(f"OpenBLAS ({PIP_OPENBLAS}") and ", preloaded" in message
         assert ("matrix-vector products as GEMV" in in_use) == (not extra)
-
-
-@pytest.mark.parametrize("jit", [True, False])
-def test_runtime_setup_compiles_where_g_plus_plus_is_and_says_so_where_not(monkeypatch, capsys, jit):
-    import argparse
-
-    import cores
-    import pipeline
-
-    built = []
-    monkeypatch.setattr(fastpath, "compiler_available", lambda: jit)
-    monkeypatch.setattr(fastpath, "precompile_kernel_header", lambda: built.append(1))
-    monkeypatch.setattr(fastpath, "keep_freed_memory", lambda: None)
-    monkeypatch.setattr(cores, "configure", lambda n: 1)
-    for choice in ("auto", "yes", "no"):
-        args = argparse.Namespace(gpu=False, cpu_streams=1, compile=choice, seed=0)
-        pipeline.setup_runtime(args)
-        said = capsys.readouterr().out
-        assert args.use_compile == (choice == "yes" or (choice == "auto" and jit))
-        assert ("g++ not found" in said) == (not jit and choice != "no")
-    assert len(built) == (2 if jit else 0)  # the kernels' header, unless --compile no
 
 
 REAL_USES_REFERENCE_BLAS = fastpath.uses_reference_blas
@@ -718,43 +622,6 @@ def test_without_a_private_folder_the_forwarder_is_left_out_and_the_line_says_wh
     monkeypatch.setattr(fastpath, "openblas_core", lambda path: None)
     line = fastpath.ensure_fast_blas(["main.py"], env=new_env, execv=execv)
     assert line == f"BLAS: OpenBLAS ({FAKE_LIB}, preloaded); {note}"
-
-
-def test_make_dependencies_reads_escaped_spaces_and_continued_lines():
-    rule = "/tmp/my\\ kernels/h.gch: \\\n /opt/my\\ site/mlx/include/a.h /usr/include/b.h \\\n /x/c\\#d.h /x/$$e.h\n"
-    assert fastpath.make_dependencies(rule) == [
-        "/opt/my site/mlx/include/a.h",
-        "/usr/include/b.h",
-        "/x/c#d.h",
-        "/x/$e.h",
-    ]
-    with pytest.raises(ValueError):
-        fastpath.make_dependencies("no rule here")
-
-
-_PCH_TWICE = """
-import os, fastpath, mlx.core as mx
-first = fastpath.precompile_kernel_header()
-stamp = os.stat(first).st_mtime_ns if first else None
-second = fastpath.precompile_kernel_header()
-print(mx.__file__, first == second and stamp == os.stat(second).st_mtime_ns, sep="\\n")
-"""
-
-
-@needs_gxx
-def test_precompiled_kernel_header_is_reused_when_mlx_lives_under_a_path_with_a_space(tmp_path):
-    site = tmp_path / "my site"  # MLX installed in e.g. "/home/me/my project/.venv"
-    site.mkdir()
-    for package in ("mlx", "mlx_cpu.libs"):
-        installed = _mlx_lib_dir().parent.parent / package
-        if installed.exists():
-            (site / package).symlink_to(installed)
-    env = {**os.environ, "TMPDIR": str(tmp_path), "PYTHONPATH": f"{site}{os.pathsep}{ROOT}"}
-    env.pop("RAGMLX_KERNEL_PCH", None)
-    out = subprocess.run([sys.executable, "-c", _PCH_TWICE], env=env, capture_output=True, text=True, timeout=300)
-    assert out.returncode == 0, out.stderr
-    where, reused = out.stdout.strip().splitlines()[-2:]
-    assert where.startswith(str(site)) and reused == "True"  # built once, not deleted and rebuilt by the next call
 
 
 def test_script_from_standard_input_is_not_reexecuted(slow_linux):
