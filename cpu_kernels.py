@@ -76,17 +76,17 @@ def softmax(x: mx.array) -> mx.array:
     return _softmax(x) if on_cpu() else mx.softmax(x, axis=-1)
 
 
-def _row_shift(x: mx.array) -> mx.array:
-    """Each row's maximum, 0 for a row that is all -inf (so that x - shift is -inf there, not NaN)."""
-    top = x.max(axis=-1, keepdims=True)
+def _finite_shift(top: mx.array) -> mx.array:
+    """Rows' maxima `top`, 0 for a row that is all -inf (so that x - shift is -inf there, not NaN)."""
     return mx.where(top == -math.inf, 0.0, top)
 
 
 @mx.custom_function
 def _logsumexp(x: mx.array) -> mx.array:
-    shift = _row_shift(x)
+    top = x.max(axis=-1, keepdims=True)
+    shift = _finite_shift(top)
     out = shift + mx.log(exp_nonpositive(x, shift).sum(axis=-1, keepdims=True))
-    return mx.where(x.max(axis=-1, keepdims=True) == -math.inf, -math.inf, out)
+    return mx.where(top == -math.inf, top, out)
 
 
 @_logsumexp.vjp
@@ -94,7 +94,7 @@ def _logsumexp_vjp(primals, cotangent, output):
     # The softmax of x, from its own max: exp(x - output) loses log(n) where output rounds to the max (a row
     # masked to -1e9, where float32's spacing is 64), and would give every entry 1 instead of 1/n.
     x = primals[0] if isinstance(primals, (tuple, list)) else primals  # MLX passes a lone input bare
-    e = exp_nonpositive(x, _row_shift(x))
+    e = exp_nonpositive(x, _finite_shift(x.max(axis=-1, keepdims=True)))
     return (cotangent * e / e.sum(axis=-1, keepdims=True),)
 
 

@@ -229,6 +229,10 @@ def fit(
     losses, auxes, ntoks = [], [], []
     tic = time.perf_counter()
     with GracefulInterrupt(log) as interrupt:
+
+        def stop_asked() -> bool:  # a Ctrl+C seen by any rank (one tiny all_sum under mlx.launch)
+            return dist.any_flag(interrupt.requested) if size > 1 else interrupt.requested
+
         for step, batch in prefetch(local_batch, start_step, cfg.num_iters):
             if step == start_step and start_step == 0:
                 metrics = evaluate(step)
@@ -241,7 +245,7 @@ def fit(
             ntoks.append(ntok)
             done = step + 1
             # One tiny all_sum per step so that a Ctrl+C seen by any rank stops every rank after this step.
-            stop = dist.any_flag(interrupt.requested) if size > 1 else interrupt.requested
+            stop = stop_asked()
             if done % cfg.steps_per_report == 0 or done == cfg.num_iters or stop:
                 elapsed = time.perf_counter() - tic
                 n = len(losses)
@@ -277,7 +281,7 @@ def fit(
                 log(f"stopped at step {done}; {resume_hint}")
                 raise Stopped(done)
         # A Ctrl+C during the last step's evaluation or save: that step is saved, but the run stops here too.
-        if dist.any_flag(interrupt.requested) if size > 1 else interrupt.requested:
+        if stop_asked():
             log(f"stopped after the last step, {cfg.num_iters}")
             raise Stopped(cfg.num_iters)
     return metrics
