@@ -19,8 +19,10 @@ import numpy as np
 import bm25s
 from bm25s.stopwords import STOPWORDS_EN  # the list bm25s uses for stopwords="en"
 
+from metrics import space_unspaced
+
 CONFIG_NAME = "ragmlx_bm25.json"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # 2: each character of a script written without spaces is a token
 METHODS = ("robertson", "lucene", "atire", "bm25l", "bm25+")
 STEMMERS = ("minimal", "none")
 # Upper bound on the dense [queries, chunks] score block, so big corpora are scored in query blocks.
@@ -48,8 +50,9 @@ def minimal_stem(word: str) -> str:
 
 def tokenize(text: str, stem: str = "minimal") -> list[str]:
     """Lower-case, drop possessive 's, delete in-word periods/apostrophes, split on all other punctuation
-    and whitespace, remove English stopwords, then optionally apply the minimal plural stemmer."""
-    text = _JOINERS.sub("", _POSSESSIVE.sub("", text.lower()))
+    and whitespace (and between the characters of scripts written without spaces, as `normalize_answer` does),
+    remove English stopwords, then optionally apply the minimal plural stemmer."""
+    text = space_unspaced(_JOINERS.sub("", _POSSESSIVE.sub("", text.lower())))
     words = [w for w in _WORD.findall(text) if w not in _STOPWORDS]
     if stem == "minimal":
         return [minimal_stem(w) for w in words]
@@ -212,7 +215,9 @@ class BM25Retriever:
         except json.JSONDecodeError as e:
             raise ValueError(f"{config_path}: invalid JSON ({e})") from e
         if config.get("format_version") != FORMAT_VERSION:
-            raise ValueError(f"{config_path}: unsupported format_version {config.get('format_version')!r}")
+            raise ValueError(
+                f"{config_path}: format_version {config.get('format_version')!r}, this version reads {FORMAT_VERSION}"
+            )
         retriever = cls(k1=config["k1"], b=config["b"], method=config["method"], stem=config["stem"])
         try:
             model = bm25s.BM25.load(directory, allow_pickle=False, mmap=False, load_corpus=False, show_progress=False)

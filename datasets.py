@@ -38,12 +38,14 @@ import sentencepiece as spm
 
 import checkpoint as ckpt
 import expansion
-from metrics import normalize_answer
+from metrics import is_unspaced, normalize_answer
 from records import Document, QAPair, split_of
 
 PAD_ID, UNK_ID, BOS_ID, EOS_ID = 0, 1, 2, 3
 # 2: a word before punctuation at a chunk boundary keeps its answer label; a long answer keeps its EOS.
-FORMAT_VERSION = 2
+# 3: answers in scripts written without spaces (Chinese, Japanese, ...) are matched per character; a chunk boundary
+#    inside the second half of a hyphenated word ("San Diego-Car|lsbad") no longer drops the first half.
+FORMAT_VERSION = 3
 MAX_QUESTION_TOKENS = 48
 MAX_ANSWER_TOKENS = 32
 MAX_EXPANDED_TOKENS = 64  # a whole sentence, when answers are expanded
@@ -190,10 +192,15 @@ def chunk_documents(doc_tokens: list[list[int]], context_size: int) -> tuple[np.
     return chunks, chunk_doc, chunk_offset
 
 
+def _word_char(ch: str) -> bool:
+    return ch.isalnum() and not is_unspaced(ch)
+
+
 def _cuts_word(before: str, after: str) -> bool:
-    """Whether a chunk boundary between these two pieces falls inside a word: a letter or digit on both sides, and
-    `after` does not start a new word ("\u2581"). A boundary between a word and its "." or "," cuts nothing."""
-    return before[-1:].isalnum() and after[:1].isalnum()
+    """Whether a boundary between these two pieces falls inside a word: a letter or digit on both sides, and
+    `after` does not start a new word ("\u2581"). A boundary between a word and its "." or "," cuts nothing, nor
+    one next to a character of a script written without spaces (Chinese, Japanese, ...: each is a word)."""
+    return _word_char(before[-1:]) and _word_char(after[:1])
 
 
 def whole_word_texts(sp: spm.SentencePieceProcessor, chunks: np.ndarray, chunk_doc: np.ndarray) -> list[str]:
@@ -206,14 +213,14 @@ def whole_word_texts(sp: spm.SentencePieceProcessor, chunks: np.ndarray, chunk_d
     texts = []
     for c, row in enumerate(chunks):
         pieces = [sp.id_to_piece(int(t)) for t in row[row != PAD_ID]]
-        if c > 0 and cut[c - 1]:  # drop the tail of a word begun in the previous chunk
-            while pieces and not pieces[0].startswith("\u2581"):
-                pieces.pop(0)
-        if c < len(cut) and cut[c]:
-            while pieces and not pieces[-1].startswith("\u2581"):
-                pieces.pop()
-            if pieces:
-                pieces.pop()  # the word's first piece, continued in the next chunk
+        if c > 0 and cut[c - 1]:  # drop the rest of a word begun in the previous chunk
+            dropped = pieces.pop(0)
+            while pieces and _cuts_word(dropped, pieces[0]):
+                dropped = pieces.pop(0)
+        if c < len(cut) and cut[c] and pieces:  # and the start of one that goes on in the next chunk
+            dropped = pieces.pop()
+            while pieces and _cuts_word(pieces[-1], dropped):
+                dropped = pieces.pop()
         texts.append(sp.decode_pieces(pieces))
     return texts
 

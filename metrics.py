@@ -18,10 +18,27 @@ import numpy as np
 _EXTRA_PUNCT = frozenset("\u2018\u2019\u00b4`")
 _ASCII_PUNCT = frozenset(string.punctuation)
 _ARTICLES = re.compile(r"\b(a|an|the)\b")
+# Scripts written without spaces between words (Han, kana, Hangul syllables, Thai, Lao, Myanmar, Khmer): each
+# character counts as a word, as MLQA's and CMRC's evaluations (and BERT's tokenizer, for Han) count it.
+_UNSPACED = re.compile(
+    "([\u0e00-\u0eff\u1000-\u109f\u1780-\u17ff\u3040-\u30ff\u3400-\u4dbf\u4e00-\u9fff"
+    "\uac00-\ud7af\uf900-\ufaff\U00020000-\U0002fa1f])"
+)
 
 
 def _is_punct(ch: str) -> bool:
     return ch in _ASCII_PUNCT or ch in _EXTRA_PUNCT or unicodedata.category(ch).startswith("P")
+
+
+def is_unspaced(ch: str) -> bool:
+    """Whether `ch` belongs to a script written without spaces between words (so it is a word of its own)."""
+    return bool(_UNSPACED.match(ch))
+
+
+def space_unspaced(text: str) -> str:
+    """`text` with a space on each side of every character of a script written without spaces ("住在北京" ->
+    " 住  在  北  京 "), so that whole-word matching and token F1 work per character there."""
+    return _UNSPACED.sub(r" \1 ", text)
 
 
 def normalize_answer(s: str) -> str:
@@ -29,12 +46,13 @@ def normalize_answer(s: str) -> str:
 
     Lower-case; underscores become spaces (TriviaQA); punctuation, ASCII or Unicode, is deleted
     (SQuAD: "U.S.A." -> "usa"; TriviaQA's script would make it a space); the articles a/an/the are removed as
-    whole words; whitespace is collapsed.
+    whole words; each character of a script written without spaces (Chinese, Japanese, Korean, Thai, ...) becomes
+    a word of its own (MLQA's convention; "北京" -> "北 京"); whitespace is collapsed.
     """
     text = s.lower().replace("_", " ")
     text = "".join(ch for ch in text if not _is_punct(ch))
     text = _ARTICLES.sub(" ", text)
-    return " ".join(text.split())
+    return " ".join(space_unspaced(text).split())
 
 
 def _check_answers(answers: Sequence[str]) -> None:

@@ -31,6 +31,13 @@ def test_tokenize_and_stem():
     ]
 
 
+def test_unspaced_scripts_are_tokenized_per_character():
+    assert tokenize("他住在北京。") == ["他", "住", "在", "北", "京"]
+    chunks = ["他住在上海，是一位医生。", "她住在北京，是一位画家。", "他们都喜欢音乐和历史。"]
+    _, ids = BM25Retriever.build(chunks).search(["谁住在北京？"], k=1)
+    assert ids[0, 0] == 1
+
+
 def test_planted_chunk_ranked_first():
     chunks = _corpus()
     r = BM25Retriever.build(chunks)

@@ -170,6 +170,25 @@ def test_boundary_before_punctuation_cuts_no_word(built):
     assert (first, second) == ("A", "of maps.")
 
 
+def test_boundary_in_a_hyphenated_word_keeps_its_first_half(built):
+    """A boundary inside "Diego-Carlsbad"'s second half drops that half only: "San Diego-" stays, so the answer
+    "San Diego" is found (the whole compound used to be dropped, up to the last piece starting a word)."""
+    text = "They met near San Diego-Carlsbad that year."
+    first, second = split_in_two(built.tokenizer, text, lambda p: p.index("C") + 1)
+    assert (first, second) == ("They met near San Diego-", "that year.")
+
+
+def test_unspaced_script_boundaries_cut_no_word():
+    """Every character of a script written without spaces is a word: a boundary between two of them drops nothing
+    (the chunk's text used to be dropped up to the next "\u2581" piece, which such text hardly has)."""
+    lines = [f"王{i}明出生在北京。他是一位画家,一生都在上海工作。这是一个填充文档的句子。" for i in range(50)]
+    sp = spm.SentencePieceProcessor(model_proto=D.train_tokenizer(lines, 300))
+    text = "他出生在北京。他是一位画家,一生都在北京工作。"
+    assert "画" in [sp.id_to_piece(t) for t in sp.encode(text)]  # pieces are characters, not bytes
+    first, second = split_in_two(sp, text, lambda p: p.index("画"))
+    assert (first, second) == ("他出生在北京。他是一位", "画家,一生都在北京工作。")
+
+
 def test_label_answers_hand_checked():
     chunk_texts, chunk_doc, doc_index = hand_chunks()
     qa = [
@@ -259,6 +278,26 @@ def test_word_cut_at_chunk_boundary_is_not_an_answer(tmp_path):
         false_positives += [(context, data.chunk_text(int(c))) for c in data.positives(0)]
     # lib.txt never contains the word "cat"
     assert false_positives == []
+
+
+def test_documents_in_chinese_get_answer_labels(tmp_path):
+    """A folder of Chinese documents: every answer is found in its document's chunks (none were, before answers
+    in unspaced scripts were matched per character)."""
+    cities, jobs = ["北京", "上海", "广州", "成都"], ["画家", "医生", "教师", "诗人"]
+    docs, qa = {}, []
+    for i in range(12):
+        name, city, job = f"王{i}明", cities[i % 4], jobs[(i // 4) % 4]
+        filler = "这是一个填充文档的句子。" * 4
+        docs[f"d{i}.txt"] = f"{name}出生在{city}。{name}是一位{job}，一生都在{city}工作。" + filler
+        qa.append({"id": f"c{i}", "question": f"{name}出生在哪里？", "answers": [city], "doc_ids": [f"d{i}.txt"]})
+        qa.append({"id": f"j{i}", "question": f"{name}的职业是什么？", "answers": [job], "doc_ids": [f"d{i}.txt"]})
+    src = write_folder(tmp_path / "src", docs, qa)
+    D.build_dataset(D.SourceSpec(data="folder", from_dir=str(src)), tmp_path / "ds", 400, 16, log=quiet)
+    data = D.Dataset(tmp_path / "ds")
+    assert data.meta["questions_without_answer_chunk"] == 0
+    for i, q in enumerate(data.qa):
+        chunks = data.positives(i)
+        assert len(chunks) > 0 and all(q["answers"][0] in data.chunk_text(int(c)) for c in chunks)
 
 
 def test_long_answers_keep_their_eos_and_cuts_are_counted(tmp_path):

@@ -26,10 +26,22 @@ from metrics import (
         ("An apple a day", "apple day"),
         ("theatre thea", "theatre thea"),  # articles only as whole words
         ("  ", ""),
+        ("他住在北京。", "他 住 在 北 京"),  # unspaced scripts: a word per character, punctuation deleted
+        ("東京タワー", "東 京 タ ワ ー"),
+        ("Rome (ローマ)", "rome ロ ー マ"),
     ],
 )
 def test_normalize_answer(raw, expected):
     assert normalize_answer(raw) == expected
+
+
+def test_unspaced_scripts_match_and_score_per_character():
+    """Chinese or Japanese text has no spaces between words: an answer inside a sentence must still be found, and
+    F1 counts characters (MLQA's convention)."""
+    assert contains_answer("他住在北京。", ["北京"])
+    assert not contains_answer("他住在北京。", ["京北"])
+    assert exact_match("北京", ["北 京"]) == 1.0
+    assert token_f1("北京市", ["北京"]) == pytest.approx(2 * (2 / 3) * 1 / (2 / 3 + 1))
 
 
 def test_exact_match_articles_punctuation_aliases():
