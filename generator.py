@@ -94,7 +94,8 @@ class Generator(nn.Module):
         flat = passages.reshape(B * P, L)
         valid = flat != PAD_ID
         h = self.encoder(self.embed(flat), padding_mask(valid), packing)
-        return Memory(h.reshape(B, P * L, -1), padding_mask(valid.reshape(B, P * L)), passages.reshape(B, P * L))
+        states = h.reshape(B, P * L, h.shape[-1])
+        return Memory(states, padding_mask(valid.reshape(B, P * L)), passages.reshape(B, P * L))
 
     def encode_spread(self, passages: mx.array) -> Memory:
         """`encode`, packed (`layers.plan_packing`), with the questions' rows spread over the CPU's cores
@@ -154,13 +155,18 @@ class Generator(nn.Module):
         """Yield the next token [B] for every question in the batch, one step at a time, with a key/value cache.
 
         `temperature` 0 is greedy; otherwise sample, from the `sample_top_k` most likely tokens when > 0.
-        `memory` is `encode(passages)` when the caller has it already. The caller stops when every row has
-        produced EOS. On the CPU the questions' rows are decoded spread over the cores, each slice with a cache
-        of its own (dim 128, batch 64: 20 -> 14.7 ms a token on 2 cores); the sampling sees the whole batch."""
-        max_tokens = max_tokens or self.args.max_answer_tokens
+        `max_tokens` None: the model's `max_answer_tokens`. `memory` is `encode(passages)` when the caller has it
+        already. The caller stops when every row has produced EOS. On the CPU the questions' rows are decoded spread
+        over the cores, each slice with a cache of its own (dim 128, batch 64: 20 -> 14.7 ms a token on 2 cores);
+        the sampling sees the whole batch."""
+        max_tokens = self.args.max_answer_tokens if max_tokens is None else max_tokens
+        if max_tokens < 1:  # a caller gets no steps, and `until_eos` could not tell how many rows it had
+            raise ValueError(f"max_tokens must be positive, got {max_tokens}")
         key = mx.random.key(seed) if seed is not None else None
         memory = self.encode_spread(passages) if memory is None else memory
         B = memory.states.shape[0]
+        if B == 0:  # no questions: no steps (MLX's argmax and scatter refuse empty arrays)
+            return
         with cores.spread():
             parts = [(s, rows, cores.take_rows(memory, rows), self.make_cache()) for s, rows in cores.row_parts(B)]
         spread = cores.spread if len(parts) > 1 else nullcontext  # one row: keep the BLAS threads

@@ -20,7 +20,7 @@ import numpy as np
 import cores
 from cpu_kernels import attention, rope, softmax
 
-# Additive mask value: large enough to zero a softmax weight, small enough to stay finite in fp16.
+# Additive mask value: large enough to zero a softmax weight, and finite in float32 and bfloat16 (not in float16).
 NEG_INF = -1e9
 
 
@@ -92,7 +92,7 @@ def plan_packing(valid: np.ndarray, spreading: bool | None = None, granularity: 
     sizes = [f.size for f in flat]
     step = max(1, -(-max(sizes) // granularity))
     n = -(-max(int(f.sum()) for f in flat) // step) * step
-    if n >= min(sizes):
+    if not 0 < n < min(sizes):  # no padding to skip, or no real token at all (an empty packed array)
         return None
     plans = []
     for f in flat:
@@ -147,7 +147,8 @@ class SelfAttention(nn.Module):
             B = packing.inv.shape[0] // L
             qkv = unpack(qkv, *packing).reshape(B, L, 3 * D)
         q, k, v = mx.split(qkv, 3, axis=-1)
-        q, k, v = (t.reshape(B, L, self.num_heads, -1).transpose(0, 2, 1, 3) for t in (q, k, v))
+        H = self.num_heads  # head sizes spelled out: a reshape cannot infer a -1 axis of an empty batch
+        q, k, v = (t.reshape(B, L, H, D // H).transpose(0, 2, 1, 3) for t in (q, k, v))
         q, k = rope(q, k, base=self.rope_base, offset=0 if cache is None else cache.get("length", 0))
         if cache is not None:
             k, v = append_to_cache(cache, k, v)

@@ -350,7 +350,12 @@ def load_or_init(
             f"{ckpt_type} checkpoint {found.id[:12]} was trained with another tokenizer than the dataset's; "
             f"rebuild the matching dataset or pass --new_model"
         )
-    model = model_cls(args_cls(**saved))
+    try:
+        model = model_cls(args_cls(**saved))
+    except (TypeError, ValueError) as e:  # a config from another version (unknown or missing fields), or bad values
+        raise UsageError(
+            f"{found.path.with_suffix('.json').name}: its model config does not fit this version ({e})"
+        ) from None
     try:
         model.load_weights(list(found.weights.items()), strict=True)
     except ValueError as e:

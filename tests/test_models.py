@@ -216,6 +216,17 @@ def test_cached_logits_equal_full_recompute(copy):
     np.testing.assert_allclose(np.log(last + 1e-9), full[:, -1:], atol=1e-4)
 
 
+def test_generate_takes_max_tokens_as_given_and_an_empty_batch_has_no_steps():
+    model = tiny_generator(V)  # max_answer_tokens 8
+    p = mx.array(passages(seed=10))
+    assert len(list(model.generate(p))) == 8 and len(list(model.generate(p, 3))) == 3
+    with pytest.raises(ValueError, match="max_tokens must be positive"):
+        list(model.generate(p, 0))  # was the model's 8 tokens: `0 or 8`
+    empty = mx.zeros((0, 3, 10), dtype=mx.int32)  # no questions: encoded (0 rows), nothing decoded
+    assert model.encode(empty).states.shape == (0, 30, model.args.dim)
+    assert list(model.generate(empty, 4)) == []
+
+
 def test_top_k_sampling_keeps_exactly_k_tokens_when_scores_tie():
     """Four tokens tie for the best score: top_k=1 must still draw one token (the same one every time), and
     top_k=2 only two of them; a cut by value kept all four."""

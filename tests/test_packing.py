@@ -55,6 +55,20 @@ def test_plan_packing_lists_the_real_positions_then_pad_fillers_shared_over_slic
     assert len(layers.plan_packing(valid, spreading=False)) == 1  # one slice when nothing spreads
 
 
+def test_rows_without_real_tokens_are_not_packed_and_embed_as_zeros(streams):
+    """All padding packed to an empty array, which the encoder's unpacking could not read from; such rows (and an
+    empty batch) embed as the padded model embeds them."""
+    streams(2)
+    assert layers.plan_packing(np.zeros((3, 8), bool)) is None
+    retr = tiny_retriever(V)
+    for tokens in (np.zeros((3, 8), np.int32), np.zeros((1, 8), np.int32), np.zeros((0, 8), np.int32)):
+        with cores.spread():
+            plain = retr(mx.array(tokens))
+        got = retr.embed_rows(tokens)
+        assert got.shape == plain.shape == (len(tokens), 16)
+        np.testing.assert_array_equal(got, plain)
+
+
 def test_packed_encoder_gives_the_padded_outputs_and_gradients():
     rng = np.random.default_rng(1)
     mx.random.seed(1)

@@ -151,6 +151,16 @@ def test_resume_guards(data, tmp_path):
     with pytest.raises(T.UsageError, match="not found"):
         T.load_or_init(*args, {}, data.tokenizer_sha1, identifier="abcdef123", log=quiet)
 
+    # a model config this version cannot build (edited, or from another version): one line naming the file
+    meta_path = tmp_path / f"{cid}.retriever.json"
+    meta = json.loads(meta_path.read_text())
+    meta["model"]["bogus_width"] = 3
+    meta_path.write_text(json.dumps(meta))
+    with pytest.raises(T.UsageError, match=rf"{cid}.retriever.json: its model config does not fit.*bogus_width"):
+        T.load_or_init(*args, {}, data.tokenizer_sha1, log=quiet)
+    del meta["model"]["bogus_width"]
+    meta_path.write_text(json.dumps(meta))
+
     # the saved value itself, None (flag not given) and gradient checkpointing are not conflicts
     same, found = T.load_or_init(
         *args, {"dim": 32, "num_heads": None, "checkpoint": True}, data.tokenizer_sha1, log=quiet
