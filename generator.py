@@ -407,6 +407,7 @@ def train(
     T.restore_optimizer(optimizer, model, found.optimizer_state if found else {})
     start = int(found.metadata.get("step", 0)) if found else 0
     state = {"id": found.id if found else None, "best": found.metadata.get("best") if found else None}
+    history = list(found.metadata.get("history", [])) if found else []  # training curves, saved with each checkpoint
     log(
         f"generator: {T.count_parameters(model):,} parameters, {len(train_ids):,} training questions, "
         f"{retrieved.shape[1]} chunks each"
@@ -433,6 +434,7 @@ def train(
             "best": state["best"],
             "retriever": retriever_id,
             "top_k": int(retrieved.shape[1]),
+            "history": history,
         }
         state["id"] = T.save_state(directory, "generator", model, optimizer, step, cfg, metrics, extra, state["id"])
         log(f"saved generator {state['id'][:12]} at step {step}")
@@ -441,6 +443,6 @@ def train(
     hint = T.resume_hint(new_model, identifier, "--identifier")
     T.fit(
         model, optimizer, cfg, seq2seq_loss, batches, start, evaluate, save, "tok_acc", log, compile,
-        prepare=prepare, resume_hint=hint,
+        prepare=prepare, resume_hint=hint, history=history,
     )  # fmt: skip
     return model, dist.broadcast_text(state["id"])  # only rank 0 saved; every rank needs the id

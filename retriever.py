@@ -229,6 +229,7 @@ def train(
         "best": found.metadata.get("best") if found else None,
         "embedded": None,  # (step, embeddings of every chunk) of the last evaluation
     }
+    history = list(found.metadata.get("history", [])) if found else []  # training curves, saved with each checkpoint
     log(
         f"retriever: {T.count_parameters(model):,} parameters, {len(train_ids):,} training questions, "
         f"{len(data.chunks):,} chunks"
@@ -265,7 +266,7 @@ def train(
             step,
             cfg,
             metrics,
-            {"tokenizer_sha1": data.tokenizer_sha1, "best": state["best"]},
+            {"tokenizer_sha1": data.tokenizer_sha1, "best": state["best"], "history": history},
             state["id"],
         )
         log(f"saved retriever {state['id'][:12]} at step {step}")
@@ -275,7 +276,10 @@ def train(
     loss_fn, shard = parallel_loss(local_negatives)
     prepare = partial(with_packings, spreading=cores.spreads())  # decided here: `prepare` runs on another thread
     hint = T.resume_hint(new_model, identifier, "--retriever_identifier")
-    T.fit(model, optimizer, cfg, loss_fn, batches, start, evaluate, save, "acc", log, compile, shard, prepare, hint)
+    T.fit(
+        model, optimizer, cfg, loss_fn, batches, start, evaluate, save, "acc", log, compile, shard, prepare, hint,
+        history,
+    )  # fmt: skip
     embedded = state["embedded"]  # at the last step, the final weights' (every rank evaluates the same steps)
     final = embedded[1] if embedded is not None and embedded[0] == cfg.num_iters else None
     return model, dist.broadcast_text(state["id"]), final  # only rank 0 saved; every rank needs the id

@@ -184,6 +184,7 @@ def fit(
     shard_batch: Callable[[tuple, int, int], tuple] | None = None,
     prepare: Callable[[tuple], tuple] | None = None,
     resume_hint: str = RESUME_HINT,
+    history: list | None = None,
 ) -> dict:
     """Train from `start_step` to `cfg.num_iters`.
 
@@ -198,7 +199,11 @@ def fit(
     --batch_size means the same with 1 or N processes. `evaluate` runs on every rank (it may use collectives
     and must log on rank 0 only); only rank 0 logs, saves and reports losses averaged over ranks; a Ctrl+C on
     any rank stops all of them after the same step. `prepare(batch)` then adds what is made from the local batch
-    on the host (arrays, or lists and tuples of them: the encoders' packing plans) before it reaches the step."""
+    on the host (arrays, or lists and tuples of them: the encoders' packing plans) before it reaches the step.
+
+    `history` (the resumed checkpoint's, or empty) gets one record per report, {"step", "loss", <aux_name>, "lr",
+    "it_per_s", "tok_per_s"}, and one per evaluation, {"step", "eval": {...}}: callers save it with the
+    checkpoint, so a model's training curves follow it through resumes (`plots.py` draws them)."""
     _, rank, size = dist.world()
     main = rank == 0
     if size > 1:
@@ -213,6 +218,13 @@ def fit(
         mx.eval(model.parameters())
         log = log if main else (lambda _msg: None)
     shard_batch = shard_batch or _shard_rows
+    history = [] if history is None else history
+
+    def evaluated(step: int) -> dict:
+        result = evaluate(step)
+        if result:
+            history.append({"step": step, "eval": dict(result)})
+        return result
 
     def local_batch(step: int) -> tuple:  # runs on the prefetch thread
         batch = make_batch(step) if size == 1 else shard_batch(make_batch(step), rank, size)
@@ -235,7 +247,7 @@ def fit(
 
         for step, batch in prefetch(local_batch, start_step, cfg.num_iters):
             if step == start_step and start_step == 0:
-                metrics = evaluate(step)
+                metrics = evaluated(step)
                 tic = time.perf_counter()  # the report measures training, not evaluation
             with cores.spread():  # the step's rows over the CPU's cores
                 loss, (aux, ntok) = step_fn(*batch_to_mx(batch))
@@ -268,10 +280,14 @@ def fit(
                     f"peak mem {mx.get_peak_memory() / 2**20:,.0f} MiB"
                 )
                 metrics["train_loss"] = mean_loss
+                history.append(
+                    {"step": done, "loss": mean_loss, aux_name: mean_aux, "lr": lr, "it_per_s": n / elapsed,
+                     "tok_per_s": tokens / elapsed}
+                )  # fmt: skip
                 losses, auxes, ntoks = [], [], []
                 tic = time.perf_counter()
             if done % cfg.steps_per_eval == 0 or done == cfg.num_iters:
-                metrics.update(evaluate(done))
+                metrics.update(evaluated(done))
                 if main:
                     save(done, metrics)
                 tic = time.perf_counter()
