@@ -126,4 +126,12 @@ def worker_task(task: str, spec: dict, state: dict) -> dict:
 
 
 if __name__ == "__main__":
+    from workload import ROOT
+
+    sys.path.append(str(ROOT))  # appended: none of the project's modules may shadow a library torch imports
+    import fastpath
+
+    # The allocator settings bench/run.py gives MLX's process (as main.py does): without them every torch step
+    # faults its freed buffers back in, tens of thousands of page faults a step that MLX's step does not pay.
+    fastpath.keep_freed_memory()
     worker_loop()
