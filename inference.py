@@ -109,7 +109,9 @@ def loop(data: Dataset, retr, index, gen, args, stdin=None, out=None) -> int:
                 out.write("> ")
                 out.flush()
             line = stdin.readline()
-            if not line:
+            if not line:  # EOF (Ctrl+D at a terminal: end the prompt's line, as Ctrl+C does)
+                if interactive:
+                    print("", file=out)
                 break
             text = line.strip()
             if text.lower() in ("quit", "exit"):

@@ -8,6 +8,7 @@
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 
 TARGETS = ("none", "dataset", "retriever", "all", "eval")
@@ -168,10 +169,22 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+def open_closed_standard_streams() -> None:
+    """Put /dev/null on whichever of descriptors 0-2 the caller closed (`<&-`): MLX takes a file it opens as
+    descriptor 0 for a failed open, so every checkpoint read as corrupt and training started over."""
+    for fd, name, mode in ((0, "stdin", "r"), (1, "stdout", "w"), (2, "stderr", "w")):
+        try:
+            os.fstat(fd)
+        except OSError:
+            os.open(os.devnull, os.O_RDWR)  # the lowest free descriptor: this one
+            setattr(sys, name, open(fd, mode, closefd=False))
+
+
 def main(argv: list[str] | None = None, fast_blas: bool = False) -> int:
     """Parse `argv` and run the target; returns the exit code (2 for bad input, with a one-line message).
 
     `fast_blas` (command line only) may re-start this process with a fast BLAS preloaded on Linux."""
+    open_closed_standard_streams()
     argv = sys.argv[1:] if argv is None else argv
     args = build_parser().parse_args(argv)
     import cores

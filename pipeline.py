@@ -292,6 +292,14 @@ def check_flags(args: argparse.Namespace) -> None:
         raise training.UsageError("--sample_top_k needs --temperature > 0 (at 0 answers are decoded greedily)")
     if args.max_answer_tokens is not None and args.max_answer_tokens < 1:
         raise training.UsageError(f"--max_answer_tokens must be positive, got {args.max_answer_tokens}")
+    if args.new_model and args.identifier is not None and args.target == "all" and not args.inference:
+        # here, not after a fresh retriever has trained and pruned the folder's older ones
+        raise training.UsageError(
+            f"--new_model starts a fresh generator; it cannot also resume --identifier {args.identifier}"
+        )
+    for flag in ("retriever_iters", "num_iters"):  # the training config calls both "num_iters"
+        if getattr(args, flag) is not None and getattr(args, flag) <= 0:
+            raise training.UsageError(f"--{flag} must be positive, got {getattr(args, flag)}")
 
 
 def run(args: argparse.Namespace) -> int:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import io
 from types import SimpleNamespace
 
 import mlx.core as mx
@@ -63,3 +64,16 @@ def test_question_seeds_differ_by_question_and_by_session_seed():
     seeds = {inference.question_seed(seed, asked) for seed in (0, 1) for asked in range(50)}
     assert len(seeds) == 100
     assert inference.question_seed(7, 3) == inference.question_seed(7, 3)
+
+
+class Terminal(io.StringIO):
+    def isatty(self):
+        return True
+
+
+def test_end_of_input_at_a_terminal_ends_the_prompt_line(data):
+    """Ctrl+D at the prompt left the shell's next prompt on the same line as ours."""
+    out = io.StringIO()
+    args = SimpleNamespace(seed=0)
+    assert inference.loop(data, None, None, None, args, stdin=Terminal(""), out=out) == 0
+    assert out.getvalue().endswith("> \n")

@@ -216,6 +216,20 @@ def test_inference_ends_cleanly_at_eof(tiny_run):
     assert "  1. " in out and "Answer:" not in out, "retrieval only"
 
 
+def test_a_closed_stdin_reads_as_no_questions_and_the_checkpoints_load(tiny_run):
+    """With descriptor 0 closed, MLX opened each checkpoint as descriptor 0 and took that for a failure: every
+    checkpoint was 'corrupt' (and a training run would have started over, pruning the real ones)."""
+    newest = checkpoints(tiny_run.path, "retriever")[-1]["id"]
+    p = subprocess.run(
+        [sys.executable, "main.py", "--save_dir", str(tiny_run.path), *TINY, "--target", "all", "--inference"],
+        cwd=ROOT, stdin=subprocess.DEVNULL, capture_output=True, text=True, timeout=300,
+        preexec_fn=lambda: os.close(0),
+    )  # fmt: skip
+    out = ok(p)
+    assert f"retriever: using {newest[:12]}" in out and "corrupt" not in out + p.stderr
+    assert "Ask a question" in out and not answers(out)
+
+
 def test_inference_notes_a_line_without_tokens_and_goes_on(tiny_run):
     """A line that is not blank but has no tokens (zero-width space, BOM, DEL) is refused like an empty one."""
     q = first_test_question(tiny_run)["question"]
@@ -284,6 +298,16 @@ def test_conflicting_dim_exits_2_and_leaves_checkpoints_alone(tiny_run, tmp_path
     assert file_bytes(run / "checkpoints") == before
 
 
+def test_new_model_with_a_generator_to_resume_exits_2_before_training_anything(tiny_run, tmp_path):
+    """The conflict was found only after a fresh retriever had trained, saved and pruned older checkpoints."""
+    run = copy_of(tiny_run, tmp_path)
+    before = file_bytes(run / "checkpoints")
+    generator = checkpoints(run, "generator")[-1]["id"][:12]
+    line = one_line_error(main_py(run, "--target", "all", "--new_model", "--identifier", generator, "--lr_warmup", "5"))
+    assert file_bytes(run / "checkpoints") == before
+    assert "--identifier" in line and "--new_model" in line
+
+
 def test_corrupt_newest_checkpoint_is_reported_and_the_previous_used(tiny_run, tmp_path):
     run = copy_of(tiny_run, tmp_path)
     older, newest = checkpoints(run, "retriever")
@@ -341,6 +365,7 @@ def test_a_flag_argparse_rejects_is_one_line(tmp_path, flags, flag):
         (["--target", "eval", "--inference"], "--inference"),
         (["--target", "retriever", "--learning_rate", "nan"], "--learning_rate"),
         (["--target", "retriever", "--weight_decay", "-1"], "--weight_decay"),
+        (["--target", "retriever", "--retriever_iters", "0"], "--retriever_iters"),
         (["--target", "dataset", "--seed", str(2**64)], "--seed"),
     ],
 )
