@@ -253,6 +253,21 @@ def _read_cache(directory: Path, name: str, retriever_id: str, num_chunks: int, 
     return None
 
 
+def _quiet(_msg: str) -> None:
+    pass
+
+
+def resolve_embedding_identifier(directory: str | Path, identifier: str) -> str:
+    """The one chunk-embedding cache in `directory` whose name (its retriever's id) starts with `identifier`."""
+    suffix = ".embedding.json"
+    names = sorted(p.name[: -len(suffix)] for p in Path(directory).glob(f"*{suffix}"))
+    matches = [n for n in names if n.startswith(identifier)]
+    if len(matches) != 1:
+        found = "no chunk-embedding cache" if not matches else f"{len(matches)} chunk-embedding caches"
+        raise ckpt.CheckpointError(f"--embedding_identifier {identifier}: {found} in {directory} with that prefix")
+    return matches[0]
+
+
 def load_or_build(
     model,
     retriever_id: str,
@@ -268,7 +283,8 @@ def load_or_build(
     when they are not one per chunk).
 
     A cache whose metadata names another retriever, or other chunks (their number or `chunks_fingerprint`), is
-    rebuilt (on every rank, if any rank must rebuild). The cache is
+    rebuilt (on every rank, if any rank must rebuild); `embedding_identifier` (an id or a unique prefix) names the
+    cache to read instead of the retriever's own, and one that does not fit is an error. The cache is
     `<id>.embedding-<i>-of-<n>.npy` shards (one per process that built it) and `<id>.embedding.json`, written
     last; any number of processes can read it back. Building streams each process's embeddings into its shard,
     so an index larger than RAM can be built and searched. `kind` "faiss" or "usearch" returns an approximate
@@ -276,12 +292,18 @@ def load_or_build(
     if kind not in INDEX_KINDS:
         raise ValueError(f"--index must be one of {', '.join(INDEX_KINDS)}, got {kind!r}")
     directory = Path(directory)
-    name = embedding_identifier or retriever_id
     if embeddings is not None and len(embeddings) != len(chunks):
         raise ValueError(f"embeddings of {len(embeddings):,} chunks given for an index of {len(chunks):,}")
     fingerprint = chunks_fingerprint(chunks)
-    index = _read_cache(directory, name, retriever_id, len(chunks), fingerprint, log)
-    if index is None and embedding_identifier:
+    if embedding_identifier:  # a cache the user named: that one, or an error (never a silent rebuild)
+        name = resolve_embedding_identifier(directory, embedding_identifier)
+        index = _read_cache(directory, name, retriever_id, len(chunks), fingerprint, _quiet)
+        if index is None:
+            raise ckpt.CheckpointError(
+                f"--embedding_identifier {embedding_identifier}: {manifest_path(directory, name).name} is not an "
+                f"index of retriever {retriever_id[:12]} over these {len(chunks):,} chunks"
+            )
+    else:
         name = retriever_id
         index = _read_cache(directory, name, retriever_id, len(chunks), fingerprint, log)
     # Every rank must take part in building if any must (a rank without the shared folder would otherwise hang).

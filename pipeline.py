@@ -193,7 +193,24 @@ def get_generator(args, data, retrieved, rid, train: bool):
             compile=args.use_compile,
         )
         return model, gid
-    return load_trained(directory, "generator", generator, data, args.identifier, "all")
+    model, gid = load_trained(directory, "generator", generator, data, args.identifier, "all")
+    warn_if_trained_on_another_retriever(checkpoint_meta(directory, "generator", gid), rid)
+    return model, gid
+
+
+def checkpoint_meta(directory, ckpt_type: str, ckpt_id: str) -> dict:
+    """The metadata of checkpoint `ckpt_id` of `ckpt_type` in `directory` ({} when there is none)."""
+    return next((m for m in checkpoint.list_checkpoints(directory, ckpt_type) if m.get("id") == ckpt_id), {})
+
+
+def warn_if_trained_on_another_retriever(generator_meta: dict, retriever_id: str, log=print) -> None:
+    """Say so when a trained generator is fed by another retriever than the one whose chunks it learned from."""
+    trained_on, gid = generator_meta.get("retriever"), str(generator_meta.get("id", ""))
+    if isinstance(trained_on, str) and trained_on != retriever_id:
+        log(
+            f"warning: generator {gid[:12]} was trained on retriever {trained_on[:12]}'s chunks, not "
+            f"{retriever_id[:12]}'s (--retriever_identifier {trained_on[:12]} uses that one)"
+        )
 
 
 def load_trained(directory, ckpt_type: str, module, data, identifier: str | None, target: str):

@@ -187,6 +187,13 @@ def test_second_retriever_run_resumes(tiny_run, tmp_path):
     assert "eval       0" not in out, "a resumed run does not start over at step 0"
     newest = checkpoints(run, "retriever")[-1]
     assert newest["step"] == 30 and newest["parent"] == last["id"]
+    # the generator learned from the step-20 retriever's chunks: answering with the newer one says so
+    out = ok(main_py(run, "--target", "all", "--inference", stdin="quit\n"))
+    generator_id = checkpoints(run, "generator")[-1]["id"]
+    want = f"warning: generator {generator_id[:12]} was trained on retriever {last['id'][:12]}"
+    assert want in out and f"--retriever_identifier {last['id'][:12]}" in out
+    out = ok(main_py(run, "--target", "all", "--inference", "--retriever_identifier", last["id"], stdin="quit\n"))
+    assert "was trained on retriever" not in out
 
 
 # ------------------------------------------------------------------ inference
