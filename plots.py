@@ -95,7 +95,7 @@ def training_curves(save_dir: str | Path, out: str | Path | None = None, retriev
         _legend(right, twin)
     fig.tight_layout()
     path = Path(out) if out is not None else Path(save_dir) / "training_curves.png"
-    ckpt.atomic_write_path(path, lambda tmp: fig.savefig(tmp, format="png", dpi=110))
+    ckpt.atomic_write_path(path, lambda tmp: fig.savefig(tmp, format="png", dpi=110, bbox_inches="tight"))
     plt.close(fig)
     return path
 
@@ -109,8 +109,9 @@ def _legend(ax, twin) -> None:
 
 
 def bench_ratios(results: str | Path, out: str | Path) -> Path:
-    """A horizontal bar per figure of a `bench/run.py` results file that has a reference: ours / reference, with
-    the tie at 1 marked (above 1: ours is faster)."""
+    """A horizontal bar per figure of a `bench/run.py` results file measured against an outside reference
+    (PyTorch, faiss, recomputing the prefix; not our own variants against each other): ours / reference, with the
+    tie at 1 marked (above 1: ours is faster)."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -121,23 +122,30 @@ def bench_ratios(results: str | Path, out: str | Path) -> Path:
         rows = json.loads(path.read_text())["rows"]
     except (OSError, ValueError, KeyError, TypeError) as e:
         raise PlotError(f"{path}: not a bench/run.py results file ({e})") from None
-    rows = [r for r in rows if isinstance(r.get("ratio"), (int, float)) and "%" not in r.get("unit", "")]
+    rows = [
+        r for r in rows
+        if isinstance(r.get("ratio"), (int, float)) and "%" not in r.get("unit", "")
+        and not str(r.get("reference_name", "")).startswith("MLX")
+    ]  # fmt: skip
     if not rows:
-        raise PlotError(f"{path}: no figure with a reference to plot")
-    labels = [f"{r['figure']}\n{r['ours_name']} vs {r['reference_name']}" for r in rows]
+        raise PlotError(f"{path}: no figure with an outside reference to plot")
+    labels = [
+        f"{r['figure'].replace(', tok/s', '').replace(' tok/s', '')} vs {r['reference_name'].split(',')[0]}"
+        for r in rows
+    ]
     ratios = [float(r["ratio"]) for r in rows]
-    fig, ax = plt.subplots(figsize=(10, 0.42 * len(rows) + 1.2))
+    fig, ax = plt.subplots(figsize=(11, 0.32 * len(rows) + 1.2))
     y = list(range(len(rows)))[::-1]
     ax.barh(y, ratios, color=["tab:green" if x >= 1 else "tab:red" for x in ratios])
     ax.axvline(1.0, color="black", linewidth=1)
     for yi, x in zip(y, ratios):
         ax.text(x, yi, f" {x:.2f}x", va="center", fontsize=7)
-    ax.set_yticks(y, labels, fontsize=6)
-    ax.set_xscale("log")
-    ax.set(xlabel="ours / reference (log scale; > 1: ours faster)", title=f"{path.name}: ratios measured in one run")
+    ax.set_yticks(y, labels, fontsize=7)
+    ax.set_xlim(0, max(ratios) * 1.12)
+    ax.set(xlabel="ours / reference (> 1: ours is faster)", title=f"{path.name}: each ratio measured in one run")
     fig.tight_layout()
     out = Path(out)
-    ckpt.atomic_write_path(out, lambda tmp: fig.savefig(tmp, format="png", dpi=110))
+    ckpt.atomic_write_path(out, lambda tmp: fig.savefig(tmp, format="png", dpi=110, bbox_inches="tight"))
     plt.close(fig)
     return out
 

@@ -70,7 +70,7 @@ def test_bench_ratios(tmp_path):
     out = plots.bench_ratios(results, tmp_path / "speed.png")
     assert out.read_bytes()[:4] == b"\x89PNG"
     results.write_text(json.dumps({"rows": rows[2:]}))
-    with pytest.raises(plots.PlotError, match="no figure with a reference"):
+    with pytest.raises(plots.PlotError, match="no figure with an outside reference"):
         plots.bench_ratios(results, tmp_path / "none.png")
     results.write_text("{")
     with pytest.raises(plots.PlotError, match="not a bench/run.py results file"):
