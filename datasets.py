@@ -83,8 +83,10 @@ def read_corpus(spec: SourceSpec, log=print) -> tuple[list[Document], list[QAPai
     if spec.data == "builtin":
         import builtin_corpus
 
-        if spec.corpus_size <= 0:
-            raise DatasetError(f"--corpus_size must be positive, got {spec.corpus_size}")
+        if not 0 < spec.corpus_size <= builtin_corpus.MAX_DOCUMENTS:
+            raise DatasetError(
+                f"--corpus_size must be between 1 and {builtin_corpus.MAX_DOCUMENTS:,}, got {spec.corpus_size:,}"
+            )
         return builtin_corpus.generate(spec.corpus_size, seed=spec.seed)
     import readers
 

@@ -418,9 +418,11 @@ def test_negative_seed_is_a_usage_error(tmp_path):
     assert "--seed" in line
 
 
-def test_negative_corpus_size_is_a_usage_error(tmp_path):
-    line = one_line_error(main_py(tmp_path / "run", "--target", "dataset", "--corpus_size", "-5"))
-    assert "--corpus_size" in line or "num_documents" in line
+@pytest.mark.parametrize("size", ["-5", "100000000"])
+def test_a_corpus_size_out_of_range_is_a_usage_error(tmp_path, size):
+    """Negative, or beyond what the built-in corpus can name (100 M documents ran for minutes, growing, before)."""
+    line = one_line_error(main_py(tmp_path / "run", "--target", "dataset", "--corpus_size", size))
+    assert "--corpus_size must be between 1 and 200,000" in line
 
 
 @pytest.mark.parametrize("missing", ["retriever", "generator"])
