@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 import os
 import re
 import time
@@ -141,9 +142,20 @@ def atomic_write_bytes(path: str | Path, data: bytes) -> None:
     atomic_write_with(path, lambda f: f.write(data))
 
 
+def _finite(obj: Any) -> Any:
+    """`obj` with NaN and infinite floats as None: JSON has no such numbers (a diverged loss would write "NaN")."""
+    if isinstance(obj, float) and not math.isfinite(obj):
+        return None
+    if isinstance(obj, dict):
+        return {k: _finite(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [_finite(v) for v in obj]
+    return obj
+
+
 def _json_bytes(obj: Any, what: str) -> bytes:
     try:
-        text = json.dumps(obj, sort_keys=True, indent=2)
+        text = json.dumps(_finite(obj), sort_keys=True, indent=2)
     except (TypeError, ValueError) as e:
         raise ValueError(f"{what}: not JSON-serializable ({e})") from None
     return (text + "\n").encode("utf-8")

@@ -195,35 +195,34 @@ def chunk_documents(doc_tokens: list[list[int]], context_size: int) -> tuple[np.
 
 
 def _word_char(ch: str) -> bool:
-    return ch.isalnum() and not is_unspaced(ch)
-
-
-def _cuts_word(before: str, after: str) -> bool:
-    """Whether a boundary between these two pieces falls inside a word: a letter or digit on both sides, and
-    `after` does not start a new word ("\u2581"). A boundary between a word and its "." or "," cuts nothing, nor
-    one next to a character of a script written without spaces (Chinese, Japanese, ...: each is a word)."""
-    return _word_char(before[-1:]) and _word_char(after[:1])
+    # U+FFFD is a character whose UTF-8 bytes (byte-fallback pieces, "<0xC3>") a boundary splits: part of a word.
+    return ch == "\ufffd" or (ch.isalnum() and not is_unspaced(ch))
 
 
 def whole_word_texts(sp: spm.SentencePieceProcessor, chunks: np.ndarray, chunk_doc: np.ndarray) -> list[str]:
-    """Each chunk's text without the word pieces cut by a chunk boundary, for answer matching: a window that
-    ends in "cat" of "catalogue" must not count as containing the answer "cat"."""
-    lengths = np.count_nonzero(chunks != PAD_ID, axis=1)
-    first = [sp.id_to_piece(int(row[0])) if n else "" for row, n in zip(chunks, lengths)]
-    last = [sp.id_to_piece(int(row[n - 1])) if n else "" for row, n in zip(chunks, lengths)]
-    cut = [chunk_doc[c] == chunk_doc[c + 1] and _cuts_word(last[c], first[c + 1]) for c in range(len(chunks) - 1)]
+    """Each chunk's text without the word cut by a chunk boundary, for answer matching: a window that ends in "cat"
+    of "catalogue" must not count as containing the answer "cat". A boundary cuts a word when the next chunk does
+    not start a new word ("\u2581") and the characters on both sides are letters or digits; a boundary between a
+    word and its "." or "," cuts nothing, nor one next to a character of a script written without spaces (Chinese,
+    Japanese, ...: each is a word). Decoded text, not pieces, so that byte-fallback pieces count as the letters
+    they spell."""
+    rows = [row[row != PAD_ID].tolist() for row in chunks]
+    decoded = [sp.decode(r) for r in rows]
+    cut = [
+        chunk_doc[c] == chunk_doc[c + 1]
+        and _word_char(decoded[c][-1:])
+        and _word_char(decoded[c + 1][:1])
+        and not sp.id_to_piece(rows[c + 1][0]).startswith("\u2581")
+        for c in range(len(rows) - 1)
+    ]
     texts = []
-    for c, row in enumerate(chunks):
-        pieces = [sp.id_to_piece(int(t)) for t in row[row != PAD_ID]]
-        if c > 0 and cut[c - 1]:  # drop the rest of a word begun in the previous chunk
-            dropped = pieces.pop(0)
-            while pieces and _cuts_word(dropped, pieces[0]):
-                dropped = pieces.pop(0)
-        if c < len(cut) and cut[c] and pieces:  # and the start of one that goes on in the next chunk
-            dropped = pieces.pop()
-            while pieces and _cuts_word(pieces[-1], dropped):
-                dropped = pieces.pop()
-        texts.append(sp.decode_pieces(pieces))
+    for c, text in enumerate(decoded):
+        start, end = 0, len(text)
+        while c > 0 and cut[c - 1] and start < end and _word_char(text[start]):  # the rest of the previous word
+            start += 1
+        while c < len(cut) and cut[c] and end > start and _word_char(text[end - 1]):  # a word the next goes on with
+            end -= 1
+        texts.append(text[start:end].strip())
     return texts
 
 

@@ -18,11 +18,12 @@ import numpy as np
 _EXTRA_PUNCT = frozenset("\u2018\u2019\u00b4`")
 _ASCII_PUNCT = frozenset(string.punctuation)
 _ARTICLES = re.compile(r"\b(a|an|the)\b")
-# Scripts written without spaces between words (Han, kana, Hangul syllables, Thai, Lao, Myanmar, Khmer): each
-# character counts as a word, as MLQA's and CMRC's evaluations (and BERT's tokenizer, for Han) count it.
+# Scripts written without spaces between words (Han, kana incl. halfwidth katakana, Hangul syllables, Thai, Lao,
+# Myanmar, Khmer): each character counts as a word, as MLQA's and CMRC's evaluations (and BERT's tokenizer, for
+# Han) count it.
 _UNSPACED = re.compile(
-    "([\u0e00-\u0eff\u1000-\u109f\u1780-\u17ff\u3040-\u30ff\u3400-\u4dbf\u4e00-\u9fff"
-    "\uac00-\ud7af\uf900-\ufaff\U00020000-\U0002fa1f])"
+    "([\u0e00-\u0eff\u1000-\u109f\u1780-\u17ff\u3040-\u30ff\u31f0-\u31ff\u3400-\u4dbf\u4e00-\u9fff"
+    "\uac00-\ud7af\uf900-\ufaff\uff66-\uff9f\U00020000-\U0002fa1f\U00030000-\U000323af])"
 )
 
 

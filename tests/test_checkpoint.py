@@ -327,6 +327,20 @@ def test_atomic_write_json_and_bytes(tmp_path):
     assert not (tmp_path / "m2.json").exists()
 
 
+def test_non_finite_numbers_are_written_as_null(tmp_path):
+    """A diverged run's NaN or infinite loss (metrics, training history) made the metadata invalid JSON ("NaN",
+    which strict readers refuse); it is null, as the plots and the JSON standard expect."""
+
+    def strict(constant):
+        raise ValueError(f"not JSON: {constant}")
+
+    history = [{"step": 1, "loss": float("nan"), "eval": {"val_loss": float("inf")}}, {"step": 2, "loss": 1.5}]
+    ckpt.atomic_write_json(tmp_path / "m.json", {"history": history, "lr": float("-inf"), "n": 3})
+    got = json.loads((tmp_path / "m.json").read_text(), parse_constant=strict)
+    assert got == {"history": [{"step": 1, "loss": None, "eval": {"val_loss": None}}, {"step": 2, "loss": 1.5}],
+                   "lr": None, "n": 3}  # fmt: skip
+
+
 def test_bad_inputs_are_clear_errors(tmp_path):
     with pytest.raises(ValueError, match="not JSON-serializable"):
         ckpt.save_checkpoint(tmp_path, "retriever", make_weights(0), None, {"best": np.float32(1.0)})

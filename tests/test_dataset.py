@@ -178,6 +178,16 @@ def test_boundary_in_a_hyphenated_word_keeps_its_first_half(built):
     assert (first, second) == ("They met near San Diego-", "that year.")
 
 
+def test_boundary_next_to_byte_pieces_drops_the_whole_word(built):
+    """A letter outside the vocabulary is byte pieces ("ü" = <0xC3><0xBC>): a boundary inside "Zürich" drops all of
+    it, wherever it falls, and never leaves "Zü" or "rich" behind as if they were words."""
+    text = "They met in Zürich every year."
+    pieces = [built.tokenizer.id_to_piece(t) for t in built.tokenizer.encode(text)]
+    assert "<0xBC>" in pieces
+    for at in range(pieces.index("Z") + 1, pieces.index("h") + 1):
+        assert split_in_two(built.tokenizer, text, lambda p, at=at: at) == ["They met in", "every year."], pieces[at]
+
+
 def test_unspaced_script_boundaries_cut_no_word():
     """Every character of a script written without spaces is a word: a boundary between two of them drops nothing
     (the chunk's text used to be dropped up to the next "\u2581" piece, which such text hardly has)."""

@@ -56,6 +56,19 @@ def test_nothing_to_plot_is_one_line(tmp_path, capsys):
         plots.training_curves(tmp_path, generator="abc")
 
 
+def test_an_identifier_names_one_checkpoint(tmp_path):
+    """A prefix two checkpoints share is an error, as it is for main.py, not the newer one's curves drawn."""
+    import checkpoint as ckpt
+
+    for created, ckpt_id in enumerate(["abc1" + "0" * 36, "abc2" + "0" * 36]):
+        meta = {"id": ckpt_id, "type": "retriever", "format": ckpt.FORMAT, "created": created,
+                "history": [{"step": 1, "loss": 1.0}]}  # fmt: skip
+        (tmp_path / f"{ckpt_id}.retriever.json").write_text(json.dumps(meta))
+    assert plots.history_of(tmp_path, "retriever", "ABC1")[0] == "abc1" + "0" * 36
+    with pytest.raises(plots.PlotError, match="retriever checkpoint 'abc' is ambiguous: abc1000"):
+        plots.history_of(tmp_path, "retriever", "abc")
+
+
 def test_bench_ratios(tmp_path):
     rows = [
         {"figure": "search", "ours": 3.0, "reference": 1.0, "ratio": 3.0, "unit": "q/s",
