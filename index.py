@@ -258,10 +258,17 @@ def _quiet(_msg: str) -> None:
 
 
 def resolve_embedding_identifier(directory: str | Path, identifier: str) -> str:
-    """The one chunk-embedding cache in `directory` whose name (its retriever's id) starts with `identifier`."""
+    """The one chunk-embedding cache in `directory` whose name (its retriever's id) starts with `identifier`, a
+    prefix of at least `checkpoint.MIN_PREFIX` characters, as checkpoint ids are given."""
+    prefix = identifier.strip().lower()
+    if len(prefix) < ckpt.MIN_PREFIX:
+        raise ckpt.CheckpointError(
+            f"--embedding_identifier {identifier}: "
+            f"expected a retriever id or a prefix of >= {ckpt.MIN_PREFIX} characters"
+        )
     suffix = ".embedding.json"
     names = sorted(p.name[: -len(suffix)] for p in Path(directory).glob(f"*{suffix}"))
-    matches = [n for n in names if n.startswith(identifier)]
+    matches = [n for n in names if n.startswith(prefix)]
     if len(matches) != 1:
         found = "no chunk-embedding cache" if not matches else f"{len(matches)} chunk-embedding caches"
         raise ckpt.CheckpointError(f"--embedding_identifier {identifier}: {found} in {directory} with that prefix")

@@ -128,25 +128,31 @@ def test_cache_of_another_retriever_or_corpus_is_rebuilt_and_legacy_single_file_
 
 
 def test_an_embedding_identifier_names_a_cache_or_is_an_error(tmp_path):
-    """--embedding_identifier reads the cache it names (a unique prefix will do); one that is missing, ambiguous
-    or built by another retriever or over other chunks is an error, never a silent rebuild."""
+    """--embedding_identifier reads the cache it names (a unique prefix of >= 6 characters will do, in any case);
+    one that is missing, ambiguous or built by another retriever or over other chunks is an error, never a silent
+    rebuild."""
     from helpers import quiet, tiny_retriever
 
     import checkpoint as ckpt
 
     model, chunks = tiny_retriever(50), random_chunks(60)
-    built = chunk_index.load_or_build(model, "abc123", chunks, tmp_path, log=quiet)
-    chunk_index.load_or_build(model, "abd456", chunks, tmp_path, log=quiet)
+    mine, other = "abc1230" + "0" * 33, "abc1231" + "0" * 33
+    built = chunk_index.load_or_build(model, mine, chunks, tmp_path, log=quiet)
+    chunk_index.load_or_build(model, other, chunks, tmp_path, log=quiet)
     logs = []
-    named = chunk_index.load_or_build(model, "abc123", chunks, tmp_path, logs.append, embedding_identifier="abc")
+    named = chunk_index.load_or_build(model, mine, chunks, tmp_path, logs.append, embedding_identifier=" ABC1230 ")
     assert logs == [] and np.array_equal(np.asarray(named.to_array()), np.asarray(built.to_array()))
-    for identifier, message in [("zzz", "no chunk-embedding cache"), ("ab", "2 chunk-embedding caches")]:
+    for identifier, message in [
+        ("fff000", "no chunk-embedding cache"),
+        ("abc12", "expected a retriever id or a prefix of >= 6 characters"),
+        ("abc123", "2 chunk-embedding caches"),
+    ]:
         with pytest.raises(ckpt.CheckpointError, match=f"--embedding_identifier {identifier}: {message}"):
-            chunk_index.load_or_build(model, "abc123", chunks, tmp_path, log=quiet, embedding_identifier=identifier)
-    with pytest.raises(ckpt.CheckpointError, match="abd456.embedding.json is not an index of retriever abc123"):
-        chunk_index.load_or_build(model, "abc123", chunks, tmp_path, log=quiet, embedding_identifier="abd")
+            chunk_index.load_or_build(model, mine, chunks, tmp_path, log=quiet, embedding_identifier=identifier)
+    with pytest.raises(ckpt.CheckpointError, match=f"{other}.embedding.json is not an index of retriever abc1230"):
+        chunk_index.load_or_build(model, mine, chunks, tmp_path, log=quiet, embedding_identifier="abc1231")
     with pytest.raises(ckpt.CheckpointError, match="over these 50 chunks"):
-        chunk_index.load_or_build(model, "abc123", chunks[:50], tmp_path, log=quiet, embedding_identifier="abc")
+        chunk_index.load_or_build(model, mine, chunks[:50], tmp_path, log=quiet, embedding_identifier="abc1230")
 
 
 def test_cache_of_other_chunks_of_the_same_number_is_rebuilt_exact_and_approximate(tmp_path):
