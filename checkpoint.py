@@ -481,19 +481,33 @@ def _load_one(directory: Path, ckpt_id: str, ckpt_type: str, meta: dict | None, 
     return Checkpoint(ckpt_id, ckpt_type, meta, weights, optimizer_state, wpath)
 
 
-def _resolve(directory: Path, ckpt_type: str, identifier: str) -> str:
+def resolve_id(directory: str | Path, kind: str, identifier: str, what: str | None = None) -> str:
+    """The one id with a "<id>.<kind>.json" in `directory` that `identifier` (a full sha1 or a unique prefix of
+    >= MIN_PREFIX hex characters, any case) names; a CheckpointError, its message starting with `what` (default
+    "<kind> checkpoint"), when it is malformed, missing or ambiguous. `kind` "embedding" names chunk indexes."""
+    what = what or f"{kind} checkpoint"
     ident = identifier.strip().lower()
     if len(ident) < MIN_PREFIX or not _HEX_RE.match(ident) or len(ident) > 40:
         raise CheckpointError(
-            f"{ckpt_type} checkpoint {identifier!r}: expected a sha1 id or a prefix of >= {MIN_PREFIX} hex characters"
+            f"{what} {identifier!r}: expected a sha1 id or a prefix of >= {MIN_PREFIX} hex characters"
         )
-    matches = sorted(i for i in _ids_with_suffix(directory, f".{ckpt_type}.json") if i.startswith(ident))
+    matches = sorted(i for i in _ids_with_suffix(Path(directory), f".{kind}.json") if i.startswith(ident))
     if not matches:
-        raise CheckpointError(f"{ckpt_type} checkpoint {identifier!r}: not found in {directory}")
+        raise CheckpointError(f"{what} {identifier!r}: not found in {directory}")
     if len(matches) > 1:
         names = ", ".join(matches)
-        raise CheckpointError(f"{ckpt_type} checkpoint {identifier!r} is ambiguous in {directory}: {names}")
+        raise CheckpointError(f"{what} {identifier!r} is ambiguous in {directory}: {names}")
     return matches[0]
+
+
+def read_metadata(directory: str | Path, ckpt_type: str, identifier: str | None = None) -> dict | None:
+    """The JSON metadata of the newest complete `ckpt_type` checkpoint (None when there is none), or of the one
+    `identifier` names (as `resolve_id`); nothing else is read."""
+    _check_type(ckpt_type)
+    if identifier is None:
+        metas = list_checkpoints(directory, ckpt_type)
+        return metas[0] if metas else None
+    return _read_metadata(Path(directory), resolve_id(directory, ckpt_type, identifier), ckpt_type)
 
 
 def load_checkpoint(
@@ -512,7 +526,7 @@ def load_checkpoint(
     _check_type(ckpt_type)
     directory = Path(directory)
     if identifier is not None:
-        return _load_one(directory, _resolve(directory, ckpt_type, identifier), ckpt_type, None, verify)
+        return _load_one(directory, resolve_id(directory, ckpt_type, identifier), ckpt_type, None, verify)
     for ckpt_id, meta, err in _scan(directory, ckpt_type):
         try:
             if err is not None:

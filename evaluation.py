@@ -317,6 +317,12 @@ def dataset_summary(meta: dict) -> dict:
     return {k: meta.get(k) for k in keys}
 
 
+def _checkpoint_meta(directory: Path, ckpt_type: str, ckpt_id: str | None) -> dict:
+    if ckpt_id is None or not directory.is_dir():
+        return {}
+    return next((m for m in ckpt.list_checkpoints(directory, ckpt_type) if m.get("id") == ckpt_id), {})
+
+
 # ---------------------------------------------------------------- the target
 
 
@@ -392,7 +398,7 @@ def run_eval(
         )
     generation["oracle"]["questions_without_labels"] = fallback
 
-    gen_meta = pipeline.checkpoint_meta(pipeline.checkpoint_dir(args), "generator", generator_id)
+    gen_meta = _checkpoint_meta(pipeline.checkpoint_dir(args), "generator", generator_id)
     pipeline.warn_if_trained_on_another_retriever(gen_meta, retriever_id, log)
     report = {
         "config": {

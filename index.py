@@ -257,24 +257,6 @@ def _quiet(_msg: str) -> None:
     pass
 
 
-def resolve_embedding_identifier(directory: str | Path, identifier: str) -> str:
-    """The one chunk-embedding cache in `directory` whose name (its retriever's id) starts with `identifier`, a
-    prefix of at least `checkpoint.MIN_PREFIX` characters, as checkpoint ids are given."""
-    prefix = identifier.strip().lower()
-    if len(prefix) < ckpt.MIN_PREFIX:
-        raise ckpt.CheckpointError(
-            f"--embedding_identifier {identifier}: "
-            f"expected a retriever id or a prefix of >= {ckpt.MIN_PREFIX} characters"
-        )
-    suffix = ".embedding.json"
-    names = sorted(p.name[: -len(suffix)] for p in Path(directory).glob(f"*{suffix}"))
-    matches = [n for n in names if n.startswith(prefix)]
-    if len(matches) != 1:
-        found = "no chunk-embedding cache" if not matches else f"{len(matches)} chunk-embedding caches"
-        raise ckpt.CheckpointError(f"--embedding_identifier {identifier}: {found} in {directory} with that prefix")
-    return matches[0]
-
-
 def load_or_build(
     model,
     retriever_id: str,
@@ -303,7 +285,7 @@ def load_or_build(
         raise ValueError(f"embeddings of {len(embeddings):,} chunks given for an index of {len(chunks):,}")
     fingerprint = chunks_fingerprint(chunks)
     if embedding_identifier:  # a cache the user named: that one, or an error (never a silent rebuild)
-        name = resolve_embedding_identifier(directory, embedding_identifier)
+        name = ckpt.resolve_id(directory, "embedding", embedding_identifier, what="--embedding_identifier")
         index = _read_cache(directory, name, retriever_id, len(chunks), fingerprint, _quiet)
         if index is None:
             raise ckpt.CheckpointError(

@@ -194,13 +194,8 @@ def get_generator(args, data, retrieved, rid, train: bool):
         )
         return model, gid
     model, gid = load_trained(directory, "generator", generator, data, args.identifier, "all")
-    warn_if_trained_on_another_retriever(checkpoint_meta(directory, "generator", gid), rid)
+    warn_if_trained_on_another_retriever(checkpoint.read_metadata(directory, "generator", gid), rid)
     return model, gid
-
-
-def checkpoint_meta(directory, ckpt_type: str, ckpt_id: str) -> dict:
-    """The metadata of checkpoint `ckpt_id` of `ckpt_type` in `directory` ({} when there is none)."""
-    return next((m for m in checkpoint.list_checkpoints(directory, ckpt_type) if m.get("id") == ckpt_id), {})
 
 
 def warn_if_trained_on_another_retriever(generator_meta: dict, retriever_id: str, log=print) -> None:

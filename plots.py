@@ -28,16 +28,13 @@ class PlotError(ValueError):
 
 def history_of(directory: str | Path, ckpt_type: str, identifier: str | None = None) -> tuple[str, list[dict]]:
     """(checkpoint id, its training history) of the newest `ckpt_type` checkpoint in `directory`, or of the one
-    whose id starts with `identifier` (one only, as for main.py)."""
-    prefix = (identifier or "").strip().lower()
-    metas = [m for m in ckpt.list_checkpoints(directory, ckpt_type) if str(m.get("id", "")).startswith(prefix)]
-    if not metas:
-        which = f" {identifier!r}" if identifier else ""
-        raise PlotError(f"{directory}: no {ckpt_type} checkpoint{which}; train one with main.py first")
-    if prefix and len(metas) > 1:
-        names = ", ".join(sorted(m["id"][:12] for m in metas))
-        raise PlotError(f"{directory}: {ckpt_type} checkpoint {identifier!r} is ambiguous: {names}")
-    meta = metas[0]
+    `identifier` names (a full id or a unique prefix, as for main.py)."""
+    try:
+        meta = ckpt.read_metadata(directory, ckpt_type, identifier)
+    except ckpt.CheckpointError as e:
+        raise PlotError(str(e)) from None
+    if meta is None:
+        raise PlotError(f"{directory}: no {ckpt_type} checkpoint; train one with main.py first")
     history = meta.get("history")
     if not isinstance(history, list) or not history:
         raise PlotError(

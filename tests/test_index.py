@@ -143,11 +143,11 @@ def test_an_embedding_identifier_names_a_cache_or_is_an_error(tmp_path):
     named = chunk_index.load_or_build(model, mine, chunks, tmp_path, logs.append, embedding_identifier=" ABC1230 ")
     assert logs == [] and np.array_equal(np.asarray(named.to_array()), np.asarray(built.to_array()))
     for identifier, message in [
-        ("fff000", "no chunk-embedding cache"),
-        ("abc12", "expected a retriever id or a prefix of >= 6 characters"),
-        ("abc123", "2 chunk-embedding caches"),
+        ("fff000", "': not found in"),
+        ("abc12", "': expected a sha1 id or a prefix of >= 6 hex characters"),
+        ("abc123", "' is ambiguous in"),
     ]:
-        with pytest.raises(ckpt.CheckpointError, match=f"--embedding_identifier {identifier}: {message}"):
+        with pytest.raises(ckpt.CheckpointError, match=f"--embedding_identifier '{identifier}{message}"):
             chunk_index.load_or_build(model, mine, chunks, tmp_path, log=quiet, embedding_identifier=identifier)
     with pytest.raises(ckpt.CheckpointError, match=f"{other}.embedding.json is not an index of retriever abc1230"):
         chunk_index.load_or_build(model, mine, chunks, tmp_path, log=quiet, embedding_identifier="abc1231")

@@ -52,21 +52,21 @@ def test_nothing_to_plot_is_one_line(tmp_path, capsys):
     assert plots.main(["--save_dir", str(tmp_path)]) == 2
     err = capsys.readouterr().err.strip()
     assert err.count("\n") == 0 and "no checkpoint with a training history" in err
-    with pytest.raises(plots.PlotError, match="no generator checkpoint 'abc'"):
-        plots.training_curves(tmp_path, generator="abc")
+    with pytest.raises(plots.PlotError, match="generator checkpoint 'abcdef': not found"):
+        plots.training_curves(tmp_path, generator="abcdef")
 
 
 def test_an_identifier_names_one_checkpoint(tmp_path):
     """A prefix two checkpoints share is an error, as it is for main.py, not the newer one's curves drawn."""
     import checkpoint as ckpt
 
-    for created, ckpt_id in enumerate(["abc1" + "0" * 36, "abc2" + "0" * 36]):
+    for created, ckpt_id in enumerate(["abc1231" + "0" * 33, "abc1232" + "0" * 33]):
         meta = {"id": ckpt_id, "type": "retriever", "format": ckpt.FORMAT, "created": created,
                 "history": [{"step": 1, "loss": 1.0}]}  # fmt: skip
         (tmp_path / f"{ckpt_id}.retriever.json").write_text(json.dumps(meta))
-    assert plots.history_of(tmp_path, "retriever", "ABC1")[0] == "abc1" + "0" * 36
-    with pytest.raises(plots.PlotError, match="retriever checkpoint 'abc' is ambiguous: abc1000"):
-        plots.history_of(tmp_path, "retriever", "abc")
+    assert plots.history_of(tmp_path, "retriever", "ABC1231")[0] == "abc1231" + "0" * 33
+    with pytest.raises(plots.PlotError, match="retriever checkpoint 'abc123' is ambiguous in .*: abc12310"):
+        plots.history_of(tmp_path, "retriever", "abc123")
 
 
 def test_bench_ratios(tmp_path):
