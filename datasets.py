@@ -1,7 +1,7 @@
 """The dataset stage: corpus -> SentencePiece tokenizer -> fixed token windows (chunks) -> a memory-mapped cache.
 
 This module's name shadows the Hugging Face `datasets` package inside the project; code that needs the real
-package imports it through `readers.import_hf_datasets()`, which does so on purpose.
+package imports it through `triviaqa.import_hf_datasets()`, which does so on purpose.
 
 Cache layout (`<to_dir>`, default `<save_dir>/dataset`), written into a temporary folder and swapped in whole,
 so a failed run never touches a prepared cache (and a folder holding anything else is never replaced):

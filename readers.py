@@ -1,4 +1,5 @@
-"""Readers for real QA corpora: TriviaQA (the rc tarball or the Hugging Face hub), SQuAD and a folder of text.
+"""Readers for real QA corpora: SQuAD and a folder of text here, TriviaQA (the rc tarball or the Hugging Face
+hub) in triviaqa.py, all dispatched by `read_source`; and what they share: the report, `DataError` and the helpers.
 
 Every reader returns `(documents, qa, report)`. Problems inside a file are warnings collected in the
 `ReadReport` (the caller prints them) and the rest is still read; a source that cannot be read at all raises
@@ -7,30 +8,17 @@ Every reader returns `(documents, qa, report)`. Problems inside a file are warni
 
 from __future__ import annotations
 
-import functools
 import hashlib
-import importlib
 import json
 import os
 import re
-import sys
-from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
-from types import ModuleType
-from typing import Any, Callable, Iterable, Iterator
+from typing import Any, Iterable, Iterator
 
 from records import Document, QAPair
 
 SOURCES = ("triviaqa", "triviaqa-hf", "squad", "folder")
-HF_TRIVIAQA = "mandarjoshi/trivia_qa"  # where the hub's canonical "trivia_qa" now lives
-HF_OFFLINE_MESSAGE = (
-    "could not load trivia_qa from the Hugging Face hub (offline?); "
-    "download the triviaqa-rc tarball and use --data triviaqa --from_dir PATH"
-)
-TRIVIAQA_DOMAINS = ("wikipedia", "web")
-# Evidence lists in a TriviaQA question and the evidence folder / document-id prefix each points into.
-_TRIVIAQA_EVIDENCE = (("EntityPages", "wikipedia"), ("SearchResults", "web"))
 _HEADING = re.compile(r"^ {0,3}#{1,6}[ \t]+(.+?)(?:[ \t]+#+)?[ \t]*$", re.MULTILINE)
 _SURROGATE_ESCAPE = re.compile(r"\\u[dD][89a-fA-F]")  # a JSON escape of a UTF-16 surrogate, paired or not
 _SURROGATE = re.compile("[\ud800-\udfff]")  # left in a str only by a lone escape: a pair decodes to one character
@@ -103,12 +91,13 @@ ReadResult = tuple[list[Document], list[QAPair], ReadReport]
 # ----------------------------------------------------------------------------------------------- helpers
 
 
-def _one_line(text: object) -> str:
+def one_line(text: object) -> str:
+    """The first line of `text`, stripped; "" when there is none."""
     lines = str(text).strip().splitlines()
     return lines[0] if lines else ""
 
 
-def _read_text(path: Path, report: ReadReport) -> str:
+def read_text(path: Path, report: ReadReport) -> str:
     """Decode a file as UTF-8; undecodable bytes become U+FFFD and the file is counted, not rejected."""
     data = path.read_bytes()
     try:
@@ -119,20 +108,20 @@ def _read_text(path: Path, report: ReadReport) -> str:
         return data.removeprefix(b"\xef\xbb\xbf").decode("utf-8", errors="replace")
 
 
-def _load_json(path: Path, report: ReadReport) -> Any:
+def load_json(path: Path, report: ReadReport) -> Any:
     """A whole JSON file; one that cannot be opened or parsed is a DataError naming it."""
     try:
-        text = _read_text(path, report)
+        text = read_text(path, report)
     except OSError as e:
         raise DataError(f"{path}: cannot read ({e.strerror or e})") from None
     try:
         data = json.loads(text)
     except json.JSONDecodeError as e:
         raise DataError(f"{path}: not valid JSON ({e.msg} at line {e.lineno}, column {e.colno})") from None
-    return _repair_surrogates(data, text, str(path), report)
+    return repair_surrogates(data, text, str(path), report)
 
 
-def _repair_surrogates(data: Any, text: str, where: str, report: ReadReport) -> Any:
+def repair_surrogates(data: Any, text: str, where: str, report: ReadReport) -> Any:
     """`data` parsed from the JSON `text`, with every lone surrogate ("\\ud83d" escaped alone, often half an emoji)
     replaced by U+FFFD. A lone surrogate is not a character: hashing, SentencePiece and printing all fail on it, so
     it is repaired where it enters, as undecodable bytes in a file are; each repaired string is counted."""
@@ -159,7 +148,7 @@ def _repair_surrogates(data: Any, text: str, where: str, report: ReadReport) -> 
     return data
 
 
-def _answers(values: Iterable[Any]) -> list[str]:
+def unique_answers(values: Iterable[Any]) -> list[str]:
     """Stripped non-empty strings, first occurrence kept, order kept."""
     out: list[str] = []
     for v in values:
@@ -168,309 +157,26 @@ def _answers(values: Iterable[Any]) -> list[str]:
     return out
 
 
-def _text(value: Any) -> str:
+def stripped(value: Any) -> str:
+    """`value` stripped when it is a string, else ""."""
     return value.strip() if isinstance(value, str) else ""
 
 
-def _list(value: Any) -> list:
+def as_list(value: Any) -> list:
+    """`value` when it is a list, else an empty one."""
     return value if isinstance(value, list) else []
 
 
-def _check_limit(max_questions: int | None) -> None:
+def check_limit(max_questions: int | None) -> None:
+    """Refuse a --max_questions below 1 (None means no limit)."""
     if max_questions is not None and max_questions < 1:
         raise DataError(f"--max_questions must be at least 1, got {max_questions}")
 
 
-def _finish(report: ReadReport, docs: list[Document], qa: list[QAPair]) -> ReadResult:
+def finish(report: ReadReport, docs: list[Document], qa: list[QAPair]) -> ReadResult:
+    """A reader's result, with the report's document and question counts filled in."""
     report.documents, report.questions = len(docs), len(qa)
     return docs, qa, report
-
-
-# ---------------------------------------------------------------------------------------- TriviaQA (dir)
-
-
-def _triviaqa_base(root: Path, domains: tuple[str, ...]) -> Path:
-    """The folder holding qa/ and evidence/ (the root itself or a triviaqa-rc/ inside it)."""
-    for d in domains:
-        if d not in TRIVIAQA_DOMAINS:
-            raise DataError(f"unknown TriviaQA domain {d!r}; expected one of {', '.join(TRIVIAQA_DOMAINS)}")
-    if not root.is_dir():
-        raise DataError(f"{root}: TriviaQA directory not found (--from_dir)")
-    base = next((b for b in (root, root / "triviaqa-rc") if (b / "qa").is_dir()), None)
-    if base is None:
-        raise DataError(
-            f"{root}: not a TriviaQA-rc directory; expected qa/wikipedia-train.json or qa/wikipedia-dev.json "
-            "and evidence/wikipedia/*.txt (unpack triviaqa-rc.tar.gz there)"
-        )
-    for d in domains:
-        if not any((base / "qa" / f"{d}-{s}.json").is_file() for s in ("train", "dev")):
-            raise DataError(
-                f"{base / 'qa'}: not a TriviaQA-rc layout for domain {d!r}; expected {d}-train.json or {d}-dev.json"
-            )
-    return base
-
-
-def _evidence_entries(value: Any) -> list[dict]:
-    """Rows of an evidence list, accepting both a list of dicts and HF's dict of parallel lists."""
-    if isinstance(value, dict):
-        keys = list(value)
-        columns = [value[k] if isinstance(value[k], list) else [] for k in keys]
-        return [dict(zip(keys, row)) for row in zip(*columns)]
-    if isinstance(value, list):
-        return [v for v in value if isinstance(v, dict)]
-    return []
-
-
-def _safe_relative(filename: str) -> bool:
-    p = Path(filename)
-    return bool(filename) and not p.is_absolute() and ".." not in p.parts
-
-
-# TriviaQA's field names: the official JSON files and the Hugging Face copy spell the same fields differently.
-_OFFICIAL_KEYS = ("QuestionId", "Question", "Answer", "Value", "Aliases", "NormalizedAliases")
-_HF_KEYS = ("question_id", "question", "answer", "value", "aliases", "normalized_aliases")
-
-
-def _triviaqa_question(item: dict, keys: tuple, where: str, report: "ReadReport"):
-    """(id, question, answers with every alias) of one TriviaQA record, or None (counted and reported)."""
-    id_key, question_key, answer_key, value_key, aliases_key, normalized_key = keys
-    qid, question = _text(item.get(id_key)), _text(item.get(question_key))
-    if not qid or not question:
-        report.malformed += 1
-        report.warn(f"{where}: missing {id_key} or {question_key}; skipped")
-        return None
-    answer = item.get(answer_key) if isinstance(item.get(answer_key), dict) else {}
-    answers = _answers([answer.get(value_key), *_list(answer.get(aliases_key)), *_list(answer.get(normalized_key))])
-    if not answers:
-        report.empty_answers += 1
-        report.warn(f"{where} ({qid}): no answer; skipped")
-        return None
-    return qid, question, answers
-
-
-def _add_triviaqa_pair(qa: dict[str, QAPair], pair: QAPair, where: str, report: ReadReport) -> None:
-    """Keep `pair` by its id; a question id seen before (TriviaQA repeats some across files) adds its evidence
-    documents to the first one's."""
-    if pair.id not in qa:
-        qa[pair.id] = pair
-        return
-    report.duplicate_questions += 1
-    report.warn(f"{where}: question id {pair.id} seen before; evidence merged")
-    qa[pair.id].doc_ids += [d for d in pair.doc_ids if d not in qa[pair.id].doc_ids]
-
-
-def read_triviaqa_dir(
-    root: str | os.PathLike, domains: tuple[str, ...] = ("wikipedia",), max_questions: int | None = None
-) -> ReadResult:
-    """Read the unpacked triviaqa-rc tarball: qa/<domain>-{train,dev}.json plus evidence/<domain>/ files.
-
-    One Document per evidence file (id "wikipedia/<Filename>" or "web/<Filename>"), read once however many
-    questions cite it. Answers are Value, then Aliases, then NormalizedAliases, deduplicated in that order.
-    A question seen in several files (the web and wikipedia files share ids) is kept once with merged doc_ids.
-    """
-    _check_limit(max_questions)
-    domains = (domains,) if isinstance(domains, str) else tuple(domains)
-    base = _triviaqa_base(Path(root), domains)
-    report = ReadReport(source="triviaqa")
-    docs: dict[str, Document] = {}
-    absent: set[str] = set()  # evidence ids found missing or empty, so each is reported once
-    qa: dict[str, QAPair] = {}
-    warned_dirs: set[str] = set()
-
-    def evidence(kind: str, page: dict, where: str) -> str | None:
-        filename = page.get("Filename")
-        if not isinstance(filename, str) or not _safe_relative(filename):
-            report.malformed += 1
-            report.warn(f"{where}: bad evidence Filename {filename!r}; skipped")
-            return None
-        doc_id = f"{kind}/{filename}"
-        if doc_id in docs:
-            return doc_id
-        if doc_id in absent:
-            return None
-        folder = base / "evidence" / kind
-        if not folder.is_dir() and kind not in warned_dirs:
-            warned_dirs.add(kind)
-            report.warn(f"{folder}: evidence folder not found; every {kind} evidence file counts as missing")
-        path = folder / filename
-        absent.add(doc_id)
-        try:
-            text = _read_text(path, report)
-        except FileNotFoundError:
-            report.missing_evidence += 1
-            report.warn(f"{path}: evidence file missing")
-            return None
-        except OSError as e:
-            report.unreadable_files += 1
-            report.warn(f"{path}: cannot read ({e.strerror or e}); skipped")
-            return None
-        if not text.strip():
-            report.empty_documents += 1
-            report.warn(f"{path}: empty evidence file; skipped")
-            return None
-        absent.discard(doc_id)
-        title = _text(page.get("Title")) or Path(filename).stem.replace("_", " ")
-        docs[doc_id] = Document(id=doc_id, title=title, text=text)
-        return doc_id
-
-    full = False
-    for domain in domains:
-        for split in ("train", "dev"):
-            path = base / "qa" / f"{domain}-{split}.json"
-            if full or not path.is_file():
-                continue
-            data = _load_json(path, report)
-            items = data.get("Data") if isinstance(data, dict) else None
-            if not isinstance(items, list):
-                raise DataError(f'{path}: not a TriviaQA file (expected an object with a "Data" list)')
-            report.files_read += 1
-            for n, item in enumerate(items):
-                where = f"{path}: Data[{n}]"
-                item = item if isinstance(item, dict) else {}
-                parsed = _triviaqa_question(item, _OFFICIAL_KEYS, where, report)
-                if parsed is None:
-                    continue
-                qid, question, answers = parsed
-                doc_ids: list[str] = []
-                for key, kind in _TRIVIAQA_EVIDENCE:
-                    for page in _evidence_entries(item.get(key)):
-                        doc_id = evidence(kind, page, where)
-                        if doc_id is not None and doc_id not in doc_ids:
-                            doc_ids.append(doc_id)
-                pair = QAPair(id=qid, question=question, answers=answers, doc_ids=doc_ids)
-                _add_triviaqa_pair(qa, pair, where, report)
-                if max_questions is not None and len(qa) >= max_questions:
-                    full = True
-                    break
-    return _finish(report, list(docs.values()), list(qa.values()))
-
-
-# ----------------------------------------------------------------------------------------- TriviaQA (HF)
-
-
-def _shadows_hf(entry: str, project_dir: Path) -> bool:
-    """Whether a sys.path entry would hand out a non-HF `datasets` (ours, or any plain datasets.py)."""
-    try:
-        folder = Path(entry or os.getcwd()).resolve()
-        return folder == project_dir or (folder / "datasets.py").is_file()
-    except OSError:
-        return False
-
-
-@functools.cache
-def import_hf_datasets() -> ModuleType:
-    """Import the Hugging Face `datasets` package even though our own datasets.py shadows it.
-
-    The search path is stripped of the project folder, the current folder and any entry holding a
-    datasets.py while importing; afterwards sys.path and sys.modules["datasets"] are put back as they were,
-    so `import datasets` elsewhere in the project still gets our module. Cached: HF's submodules keep a
-    reference to the package object, and a second copy of it breaks HF's fingerprint hashing.
-    """
-    current = sys.modules.get("datasets")
-    if current is not None and callable(getattr(current, "load_dataset", None)):
-        return current
-    project_dir = Path(__file__).resolve().parent
-    saved_path = list(sys.path)
-    sys.modules.pop("datasets", None)
-    sys.path[:] = [p for p in sys.path if not _shadows_hf(p, project_dir)]
-    try:
-        module = importlib.import_module("datasets")
-    except ImportError as e:
-        raise DataError(
-            f"the Hugging Face `datasets` package is not importable ({_one_line(e)}); pip install datasets"
-        ) from None
-    finally:
-        sys.path[:] = saved_path
-        if current is not None:
-            sys.modules["datasets"] = current
-        else:
-            sys.modules.pop("datasets", None)
-    if not callable(getattr(module, "load_dataset", None)):
-        where = getattr(module, "__file__", "?")
-        raise DataError(f"`datasets` imported from {where} is not Hugging Face datasets (no load_dataset)")
-    return module
-
-
-@contextmanager
-def _hf_as_datasets(hf: ModuleType) -> Iterator[None]:
-    """Let HF resolve its own lazy `datasets.*` imports while it runs; put our module back afterwards."""
-    saved = sys.modules.get("datasets")
-    sys.modules["datasets"] = hf
-    try:
-        yield
-    finally:
-        if saved is None:
-            sys.modules.pop("datasets", None)
-        else:
-            sys.modules["datasets"] = saved
-
-
-def read_triviaqa_hf(
-    split_names: tuple[str, ...] = ("train", "validation"),
-    config: str = "rc.wikipedia",
-    cache_dir: str | None = None,
-    max_questions: int | None = None,
-    load_dataset: Callable[..., Iterable[dict]] | None = None,
-) -> ReadResult:
-    """Read TriviaQA through Hugging Face `datasets` (mandarjoshi/trivia_qa, default config rc.wikipedia).
-
-    Documents come from entity_pages (id "wikipedia/<filename>", text = wiki_context) and search_results
-    (id "web/<filename>", text = search_context), each kept once. `load_dataset(path, config, split=...,
-    cache_dir=...)` defaults to HF's own and is injectable for tests. No network and no cache -> DataError.
-    """
-    _check_limit(max_questions)
-    split_names = (split_names,) if isinstance(split_names, str) else tuple(split_names)
-    hf = import_hf_datasets()
-    load = load_dataset if load_dataset is not None else hf.load_dataset
-    hub_errors = getattr(getattr(hf, "exceptions", None), "DatasetsError", OSError)
-    report = ReadReport(source="triviaqa-hf", unit="splits")
-    docs: dict[str, Document] = {}
-    absent: set[str] = set()
-    qa: dict[str, QAPair] = {}
-    sources = (("entity_pages", "wikipedia", "wiki_context"), ("search_results", "web", "search_context"))
-
-    with _hf_as_datasets(hf):
-        for split in split_names:
-            if max_questions is not None and len(qa) >= max_questions:
-                break
-            try:
-                rows = load(HF_TRIVIAQA, config, split=split, cache_dir=cache_dir)
-            except OSError as e:
-                raise DataError(f"{HF_OFFLINE_MESSAGE} [{type(e).__name__}: {_one_line(e)}]") from None
-            except (hub_errors, ValueError) as e:
-                raise DataError(
-                    f"could not load trivia_qa config {config!r} split {split!r}: {type(e).__name__}: {_one_line(e)}"
-                ) from None
-            report.files_read += 1
-            for n, row in enumerate(rows):
-                where = f"trivia_qa {config} {split}[{n}]"
-                parsed = _triviaqa_question(row, _HF_KEYS, where, report)
-                if parsed is None:
-                    continue
-                qid, question, answers = parsed
-                doc_ids: list[str] = []
-                for key, kind, text_key in sources:
-                    for page in _evidence_entries(row.get(key)):
-                        filename = _text(page.get("filename"))
-                        doc_id = f"{kind}/{filename}"
-                        if not filename or doc_id in absent:
-                            continue
-                        if doc_id not in docs:
-                            text = page.get(text_key) if isinstance(page.get(text_key), str) else ""
-                            if not text.strip():
-                                absent.add(doc_id)
-                                report.empty_documents += 1
-                                report.warn(f"{where}: {key} {filename!r} has no text; skipped")
-                                continue
-                            title = _text(page.get("title")) or Path(filename).stem.replace("_", " ")
-                            docs[doc_id] = Document(id=doc_id, title=title, text=text)
-                        if doc_id not in doc_ids:
-                            doc_ids.append(doc_id)
-                pair = QAPair(id=qid, question=question, answers=answers, doc_ids=doc_ids)
-                _add_triviaqa_pair(qa, pair, where, report)
-                if max_questions is not None and len(qa) >= max_questions:
-                    break
-    return _finish(report, list(docs.values()), list(qa.values()))
 
 
 # ------------------------------------------------------------------------------------------------- SQuAD
@@ -497,7 +203,7 @@ def read_squad(path: str | os.PathLike, documents: str = "paragraphs", max_quest
     """
     if documents not in ("paragraphs", "articles"):
         raise DataError(f"SQuAD documents must be 'paragraphs' or 'articles', got {documents!r}")
-    _check_limit(max_questions)
+    check_limit(max_questions)
     report = ReadReport(source="squad")
     docs: list[Document] = []
     qa: list[QAPair] = []
@@ -507,7 +213,7 @@ def read_squad(path: str | os.PathLike, documents: str = "paragraphs", max_quest
     for file in _squad_files(Path(path)):
         if full:
             break
-        data = _load_json(file, report)
+        data = load_json(file, report)
         articles = data.get("data") if isinstance(data, dict) else None
         if not isinstance(articles, list):
             raise DataError(f'{file}: not a SQuAD file (expected an object with a "data" list)')
@@ -522,7 +228,7 @@ def read_squad(path: str | os.PathLike, documents: str = "paragraphs", max_quest
                 report.malformed += 1
                 report.warn(f'{where}: no "paragraphs" list; skipped')
                 continue
-            title = _text(article.get("title")) or f"{file.stem}-{a}"
+            title = stripped(article.get("title")) or f"{file.stem}-{a}"
             # Two articles with one title would share document ids; number the later ones.
             seen_titles[title] = seen_titles.get(title, 0) + 1
             if seen_titles[title] > 1:
@@ -532,7 +238,7 @@ def read_squad(path: str | os.PathLike, documents: str = "paragraphs", max_quest
             for p, para in enumerate(paragraphs):
                 para = para if isinstance(para, dict) else {}
                 context = para.get("context") if isinstance(para.get("context"), str) else ""
-                qas = [] if full else _list(para.get("qas"))
+                qas = [] if full else as_list(para.get("qas"))
                 if not context.strip():
                     report.empty_documents += 1
                     report.malformed += len(qas)
@@ -547,7 +253,7 @@ def read_squad(path: str | os.PathLike, documents: str = "paragraphs", max_quest
                         break  # limit reached: the rest of this article is read for its documents only
                     qwhere = f"{where}.paragraphs[{p}].qas[{q}]"
                     item = item if isinstance(item, dict) else {}
-                    qid, question = _text(item.get("id")), _text(item.get("question"))
+                    qid, question = stripped(item.get("id")), stripped(item.get("question"))
                     if not qid or not question:
                         report.malformed += 1
                         report.warn(f"{qwhere}: missing id or question; skipped")
@@ -555,8 +261,8 @@ def read_squad(path: str | os.PathLike, documents: str = "paragraphs", max_quest
                     if item.get("is_impossible") is True:
                         report.unanswerable += 1
                         continue
-                    raw = _list(item.get("answers"))
-                    answers = _answers(a.get("text") for a in raw if isinstance(a, dict))
+                    raw = as_list(item.get("answers"))
+                    answers = unique_answers(a.get("text") for a in raw if isinstance(a, dict))
                     if not answers:
                         report.empty_answers += 1
                         report.warn(f"{qwhere} ({qid}): no answers; skipped")
@@ -570,7 +276,7 @@ def read_squad(path: str | os.PathLike, documents: str = "paragraphs", max_quest
                     full = max_questions is not None and len(qa) >= max_questions
             if documents == "articles" and contexts:
                 docs.append(Document(id=title, title=title.replace("_", " "), text="\n\n".join(contexts)))
-    return _finish(report, docs, qa)
+    return finish(report, docs, qa)
 
 
 # ------------------------------------------------------------------------------------------------ folder
@@ -617,7 +323,7 @@ def _title(text: str, path: Path) -> str:
 def _read_qa_jsonl(path: Path, doc_ids: set[str], report: ReadReport, max_questions: int | None) -> list[QAPair]:
     """QA pairs from a JSONL file; every bad line becomes a "<file>:<line>: <why>" warning and is skipped."""
     try:
-        text = _read_text(path, report)
+        text = read_text(path, report)
     except OSError as e:
         raise DataError(f"{path}: cannot read QA file ({e.strerror or e})") from None
     report.files_read += 1
@@ -632,7 +338,7 @@ def _read_qa_jsonl(path: Path, doc_ids: set[str], report: ReadReport, max_questi
             continue
         where = f"{path}:{lineno}"
         try:
-            obj = _repair_surrogates(json.loads(line), line, where, report)
+            obj = repair_surrogates(json.loads(line), line, where, report)
         except json.JSONDecodeError as e:
             report.malformed += 1
             report.warn(f"{where}: bad JSON ({e.msg})")
@@ -641,7 +347,7 @@ def _read_qa_jsonl(path: Path, doc_ids: set[str], report: ReadReport, max_questi
             report.malformed += 1
             report.warn(f"{where}: expected a JSON object")
             continue
-        question = _text(obj.get("question"))
+        question = stripped(obj.get("question"))
         raw_answers = obj.get("answers")
         raw_ids = obj.get("doc_ids", [])
         qid = obj.get("id")
@@ -658,7 +364,7 @@ def _read_qa_jsonl(path: Path, doc_ids: set[str], report: ReadReport, max_questi
             report.malformed += 1
             report.warn(f"{where}: {why}")
             continue
-        answers = _answers(raw_answers)
+        answers = unique_answers(raw_answers)
         if not answers:
             report.empty_answers += 1
             report.warn(f"{where}: empty answers")
@@ -686,7 +392,7 @@ def read_folder(
     QA pairs come from `qa_path`, else root/qa.jsonl when present: one {"question", "answers", "id"?,
     "doc_ids"?} object per line; ids default to "q-" + sha1(question)[:12]. No QA file is fine (empty qa).
     """
-    _check_limit(max_questions)
+    check_limit(max_questions)
     root = Path(root)
     if not root.is_dir():
         raise DataError(f"{root}: folder not found (--from_dir must be a directory of .txt/.md files)")
@@ -694,7 +400,7 @@ def read_folder(
     docs: list[Document] = []
     for path in _text_files(root):
         try:
-            text = _read_text(path, report)
+            text = read_text(path, report)
         except OSError as e:
             report.unreadable_files += 1
             report.warn(f"{path}: cannot read ({e.strerror or e}); skipped")
@@ -717,7 +423,7 @@ def read_folder(
     else:
         qa_file = root / "qa.jsonl"
     qa = _read_qa_jsonl(qa_file, {d.id for d in docs}, report, max_questions) if qa_file.is_file() else []
-    return _finish(report, docs, qa)
+    return finish(report, docs, qa)
 
 
 # ---------------------------------------------------------------------------------------------- dispatch
@@ -728,11 +434,13 @@ def read_source(name: str, from_dir: str | None, **kw: Any) -> ReadResult:
 
     For triviaqa-hf, from_dir (optional) is the Hugging Face cache folder.
     """
+    import triviaqa  # here, not at the top: triviaqa imports this module
+
     if name == "triviaqa-hf":
         if from_dir is not None:
             kw.setdefault("cache_dir", from_dir)
-        return read_triviaqa_hf(**kw)
-    readers = {"triviaqa": read_triviaqa_dir, "squad": read_squad, "folder": read_folder}
+        return triviaqa.read_triviaqa_hf(**kw)
+    readers = {"triviaqa": triviaqa.read_triviaqa_dir, "squad": read_squad, "folder": read_folder}
     if name not in readers:
         raise DataError(f"unknown --data {name!r}; expected one of {', '.join(SOURCES)}")
     if from_dir is None:

@@ -10,6 +10,7 @@ from pathlib import Path
 import pytest
 
 import readers
+import triviaqa
 from helpers import write_bytes_named
 from readers import DataError, ReadReport
 
@@ -76,7 +77,7 @@ def _triviaqa_tree(root: Path) -> Path:
 
 def test_triviaqa_dir_happy_path(tmp_path):
     root = _triviaqa_tree(tmp_path / "tqa")
-    docs, qa, report = readers.read_triviaqa_dir(root)
+    docs, qa, report = triviaqa.read_triviaqa_dir(root)
     by_id = {q.id: q for q in qa}
     assert sorted(by_id) == ["tc_1", "tc_2", "tc_4"]
     assert by_id["tc_1"].answers == [
@@ -108,7 +109,7 @@ def test_triviaqa_dir_happy_path(tmp_path):
 
 def test_triviaqa_dir_max_questions_reads_only_needed_evidence(tmp_path):
     root = _triviaqa_tree(tmp_path / "tqa")
-    docs, qa, report = readers.read_triviaqa_dir(root, max_questions=1)
+    docs, qa, report = triviaqa.read_triviaqa_dir(root, max_questions=1)
     assert [q.id for q in qa] == ["tc_1"]
     assert {d.id for d in docs} == {"wikipedia/Hamlet.txt", "wikipedia/William_Shakespeare.txt"}
     assert report.files_read == 1
@@ -128,7 +129,7 @@ def test_triviaqa_dir_nested_folder_and_web_domain_merge(tmp_path):
     )
     _write_json(root / "qa" / "web-dev.json", {"Data": [item], "Domain": "Web"})
     # The parent of triviaqa-rc/ is accepted too.
-    docs, qa, report = readers.read_triviaqa_dir(tmp_path / "download", domains=("wikipedia", "web"))
+    docs, qa, report = triviaqa.read_triviaqa_dir(tmp_path / "download", domains=("wikipedia", "web"))
     tc1 = next(q for q in qa if q.id == "tc_1")
     assert tc1.doc_ids == ["wikipedia/Hamlet.txt", "wikipedia/William_Shakespeare.txt", "web/7/7_1.txt"]
     assert report.duplicate_questions == 1 and len(qa) == 3
@@ -138,17 +139,17 @@ def test_triviaqa_dir_nested_folder_and_web_domain_merge(tmp_path):
 def test_not_a_triviaqa_dir(tmp_path):
     (tmp_path / "notes.txt").write_text("hello", encoding="utf-8")
     with pytest.raises(DataError) as e:
-        readers.read_triviaqa_dir(tmp_path)
+        triviaqa.read_triviaqa_dir(tmp_path)
     msg = str(e.value)
     assert str(tmp_path) in msg and "qa/wikipedia-train.json" in msg and "\n" not in msg
     (tmp_path / "qa").mkdir()
     _write_json(tmp_path / "qa" / "something-else.json", {"Data": []})
     with pytest.raises(DataError, match="wikipedia-train.json"):
-        readers.read_triviaqa_dir(tmp_path)
+        triviaqa.read_triviaqa_dir(tmp_path)
     with pytest.raises(DataError, match="not found"):
-        readers.read_triviaqa_dir(tmp_path / "nope")
+        triviaqa.read_triviaqa_dir(tmp_path / "nope")
     with pytest.raises(DataError, match="domain"):
-        readers.read_triviaqa_dir(tmp_path, domains=("news",))
+        triviaqa.read_triviaqa_dir(tmp_path, domains=("news",))
 
 
 def test_triviaqa_malformed_json_names_file(tmp_path):
@@ -156,11 +157,11 @@ def test_triviaqa_malformed_json_names_file(tmp_path):
     bad = root / "qa" / "wikipedia-dev.json"
     bad.write_text('{"Data": [ {"Question": ', encoding="utf-8")
     with pytest.raises(DataError) as e:
-        readers.read_triviaqa_dir(root)
+        triviaqa.read_triviaqa_dir(root)
     assert str(bad) in str(e.value) and "not valid JSON" in str(e.value)
     _write_json(bad, ["not", "an", "object"])
     with pytest.raises(DataError, match="Data"):
-        readers.read_triviaqa_dir(root)
+        triviaqa.read_triviaqa_dir(root)
 
 
 # ------------------------------------------------------------------------------------------ TriviaQA HF
@@ -183,12 +184,12 @@ def test_import_hf_datasets_despite_shadowing_module(tmp_path):
         "import datasets as fake\n"
         "assert getattr(fake, 'MARKER', None) == 'fake', 'the shadow is not in effect'\n"
         "path_before = list(sys.path)\n"
-        "import readers\n"
-        "hf = readers.import_hf_datasets()\n"
+        "import triviaqa\n"
+        "hf = triviaqa.import_hf_datasets()\n"
         "assert hf is not fake and callable(hf.load_dataset), hf\n"
         "assert sys.modules['datasets'] is fake, 'sys.modules not restored'\n"
         "assert sys.path == path_before, 'sys.path not restored'\n"
-        "assert readers.import_hf_datasets() is hf\n"
+        "assert triviaqa.import_hf_datasets() is hf\n"
         "import datasets\n"
         "assert datasets is fake\n"
         "print('HF', hf.__file__)\n"
@@ -201,7 +202,7 @@ def test_import_hf_datasets_despite_shadowing_module(tmp_path):
 def test_no_project_module_shadows_an_installed_package_but_datasets():
     # Our flat modules sit first on sys.path, so one named like an installed package hides it from every library
     # that imports it (transformers imports the `kernels` package, which a kernels.py here once hid and broke
-    # mlx_lm). `datasets` is the one shadow on purpose (readers.import_hf_datasets gets past it).
+    # mlx_lm). `datasets` is the one shadow on purpose (triviaqa.import_hf_datasets gets past it).
     import importlib.metadata
 
     installed = importlib.metadata.packages_distributions()
@@ -265,7 +266,7 @@ def test_triviaqa_hf_conversion_with_real_json_loader(tmp_path):
     for split, rows in files.items():
         paths[split] = tmp_path / f"{split}.jsonl"
         paths[split].write_text("".join(json.dumps(r) + "\n" for r in rows), encoding="utf-8")
-    hf = readers.import_hf_datasets()
+    hf = triviaqa.import_hf_datasets()
     calls = []
 
     def load_via_json(path, name, split, cache_dir=None):
@@ -274,8 +275,8 @@ def test_triviaqa_hf_conversion_with_real_json_loader(tmp_path):
             "json", data_files={split: str(paths[split])}, split=split, cache_dir=str(tmp_path / "hf-cache")
         )
 
-    docs, qa, report = readers.read_triviaqa_hf(load_dataset=load_via_json)
-    assert calls == [(readers.HF_TRIVIAQA, "rc.wikipedia", s) for s in ("train", "validation")]
+    docs, qa, report = triviaqa.read_triviaqa_hf(load_dataset=load_via_json)
+    assert calls == [(triviaqa.HF_TRIVIAQA, "rc.wikipedia", s) for s in ("train", "validation")]
     assert [q.id for q in qa] == ["tc_1", "tc_3"]
     assert qa[0].answers == ["William Shakespeare", "Shakespeare", "william shakespeare", "shakespeare"]
     assert qa[0].doc_ids == ["wikipedia/Hamlet.txt", "wikipedia/William_Shakespeare.txt", "wikipedia/Globe.txt"]
@@ -286,7 +287,7 @@ def test_triviaqa_hf_conversion_with_real_json_loader(tmp_path):
     assert report.duplicate_questions == 1 and any("tc_1 seen before; evidence merged" in m for m in report.messages)
     assert report.unit == "splits"
 
-    docs, qa, _ = readers.read_triviaqa_hf(load_dataset=load_via_json, max_questions=1)
+    docs, qa, _ = triviaqa.read_triviaqa_hf(load_dataset=load_via_json, max_questions=1)
     assert [q.id for q in qa] == ["tc_1"] and len(calls) == 3
 
 
@@ -295,25 +296,25 @@ def test_triviaqa_hf_offline_is_data_error():
         raise ConnectionError("Couldn't reach 'mandarjoshi/trivia_qa' on the Hub (LocalEntryNotFoundError)")
 
     with pytest.raises(DataError) as e:
-        readers.read_triviaqa_hf(load_dataset=offline)
+        triviaqa.read_triviaqa_hf(load_dataset=offline)
     msg = str(e.value)
-    assert msg.startswith(readers.HF_OFFLINE_MESSAGE) and "--from_dir" in msg and "\n" not in msg
+    assert msg.startswith(triviaqa.HF_OFFLINE_MESSAGE) and "--from_dir" in msg and "\n" not in msg
 
 
 def test_triviaqa_hf_offline_with_real_hub_client(tmp_path):
     # A fresh interpreter in the project folder, where our datasets.py shadows HF; the hub client is
     # forced offline and its cache is empty, so the real load_dataset must fail and become a DataError.
     code = (
-        "import sys, readers\n"
+        "import sys, readers, triviaqa\n"
         "try:\n"
-        f"    readers.read_triviaqa_hf(split_names=('validation',), cache_dir={str(tmp_path / 'c')!r})\n"
+        f"    triviaqa.read_triviaqa_hf(split_names=('validation',), cache_dir={str(tmp_path / 'c')!r})\n"
         "except readers.DataError as e:\n"
         "    print('DATAERROR', e)\n"
         "print('MODULE', sys.modules.get('datasets'))\n"
     )
     env = dict(os.environ, HF_HUB_OFFLINE="1", HF_DATASETS_OFFLINE="1", HF_HOME=str(tmp_path / "home"))
     stdout = _run_python(code, PROJECT_DIR, env)
-    assert f"DATAERROR {readers.HF_OFFLINE_MESSAGE}" in stdout
+    assert f"DATAERROR {triviaqa.HF_OFFLINE_MESSAGE}" in stdout
     assert "MODULE None" in stdout  # HF was not left installed as `datasets`
 
 
@@ -563,7 +564,7 @@ def test_lone_surrogates_are_repaired_where_json_enters(tmp_path):
     root = _triviaqa_tree(tmp_path / "tqa")
     train = root / "qa" / "wikipedia-train.json"
     train.write_text(train.read_text(encoding="utf-8").replace("Who wrote Hamlet?", "Who wrote \\udca9 Hamlet?"))
-    _, qa, report = readers.read_triviaqa_dir(root)
+    _, qa, report = triviaqa.read_triviaqa_dir(root)
     assert qa[0].question == "Who wrote \ufffd Hamlet?" and report.repaired_text == 1
 
 
