@@ -121,6 +121,17 @@ def load_json(path: Path, report: ReadReport) -> Any:
     return repair_surrogates(data, text, str(path), report)
 
 
+def load_json_list(path: Path, key: str, source: str, report: ReadReport) -> list:
+    """The list under `key` of a JSON object file (SQuAD's "data", TriviaQA's "Data"), the file counted as read;
+    DataError naming the file when it is not such an object."""
+    data = load_json(path, report)
+    items = data.get(key) if isinstance(data, dict) else None
+    if not isinstance(items, list):
+        raise DataError(f'{path}: not a {source} file (expected an object with a "{key}" list)')
+    report.files_read += 1
+    return items
+
+
 def repair_surrogates(data: Any, text: str, where: str, report: ReadReport) -> Any:
     """`data` parsed from the JSON `text`, with every lone surrogate ("\\ud83d" escaped alone, often half an emoji)
     replaced by U+FFFD. A lone surrogate is not a character: hashing, SentencePiece and printing all fail on it, so
@@ -213,11 +224,7 @@ def read_squad(path: str | os.PathLike, documents: str = "paragraphs", max_quest
     for file in _squad_files(Path(path)):
         if full:
             break
-        data = load_json(file, report)
-        articles = data.get("data") if isinstance(data, dict) else None
-        if not isinstance(articles, list):
-            raise DataError(f'{file}: not a SQuAD file (expected an object with a "data" list)')
-        report.files_read += 1
+        articles = load_json_list(file, "data", "SQuAD", report)
         for a, article in enumerate(articles):
             if full:
                 break

@@ -24,7 +24,7 @@ from readers import (
     as_list,
     check_limit,
     finish,
-    load_json,
+    load_json_list,
     one_line,
     read_text,
     stripped,
@@ -177,11 +177,7 @@ def read_triviaqa_dir(
             path = base / "qa" / f"{domain}-{split}.json"
             if full or not path.is_file():
                 continue
-            data = load_json(path, report)
-            items = data.get("Data") if isinstance(data, dict) else None
-            if not isinstance(items, list):
-                raise DataError(f'{path}: not a TriviaQA file (expected an object with a "Data" list)')
-            report.files_read += 1
+            items = load_json_list(path, "Data", "TriviaQA", report)
             for n, item in enumerate(items):
                 where = f"{path}: Data[{n}]"
                 item = item if isinstance(item, dict) else {}
