@@ -1,6 +1,6 @@
 """Data-parallel throughput (1 vs N processes under `mlx.launch`) and exact vs approximate search at scale.
 
-    python bench/distributed.py [--processes 2] [--ann_rows 1000000] [--skip_parallel] [--skip_ann] [--skip_disk]
+    python bench/scaling.py [--processes 2] [--ann_rows 1000000] [--skip_parallel] [--skip_ann] [--skip_disk]
 
 Training: the default retriever (dim 128, 2 blocks) on synthetic token batches, global batch 32 questions + 32
 positives + 32 negatives, gathered negatives, steps/s after warm-up. Indexing: chunks/s of `index.load_or_build`
@@ -10,7 +10,7 @@ time, batch and single-query latency, recall@10 against exact. Random vectors ar
 approximate search (no clusters), so its recall here is a lower bound for real embeddings. Out of core:
 `--disk_rows` vectors written to an .npy shard and searched memory-mapped, one block of rows at a time, with
 the process's peak anonymous memory (what the index would need if it were loaded) sampled while it runs.
-Writes bench/distributed_results.json.
+Writes bench/scaling_results.json.
 """
 
 from __future__ import annotations
@@ -235,7 +235,7 @@ def main() -> None:
     p.add_argument("--skip_parallel", action="store_true")
     p.add_argument("--skip_ann", action="store_true")
     p.add_argument("--skip_disk", action="store_true")
-    p.add_argument("--out", default=str(ROOT / "bench" / "distributed_results.json"))
+    p.add_argument("--out", default=str(ROOT / "bench" / "scaling_results.json"))
     args = p.parse_args()
     if args.worker:
         return worker(Path(args.worker), args.train_steps, args.index_chunks)
