@@ -149,7 +149,10 @@ class SelfAttention(nn.Module):
         q, k, v = mx.split(qkv, 3, axis=-1)
         H = self.num_heads  # head sizes spelled out: a reshape cannot infer a -1 axis of an empty batch
         q, k, v = (t.reshape(B, L, H, D // H).transpose(0, 2, 1, 3) for t in (q, k, v))
-        q, k = rope(q, k, base=self.rope_base, offset=0 if cache is None else cache.get("length", 0))
+        if cache is None:
+            q, k = rope(q, k, base=self.rope_base)
+        else:
+            q, k = rope(q, k, base=self.rope_base, offset=cache.get("length", 0), tables=cache.setdefault("rope", {}))
         if cache is not None:
             k, v = append_to_cache(cache, k, v)
         o = attention(q, k, v, self.scale, mask)
