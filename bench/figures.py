@@ -273,13 +273,14 @@ def fig_search(worker: Worker, n: int, cfg: dict, workdir: Path) -> dict:
                rows_with_identical_id_sets=same, timings=t)
 
 
-def fig_decode(cfg: dict) -> list[dict]:
+def fig_decode(cfg: dict, size: str = "small") -> list[dict]:
     """Figure 3: greedy decoding tokens/s with the KV cache vs re-running the decoder on the whole prefix; each
     pair timed end to end (both encode the passages, as `generate` does) and for the decoding steps alone (both
-    given the same encoded passages)."""
+    given the same encoded passages), with the generator of `size`."""
     import mlx.core as mx
 
-    model, _ = mlx_model("generator", SIZES["small"])
+    model, _ = mlx_model("generator", SIZES[size])
+    dim = SIZES[size]["dim"]
     passages_np = make_batches("generator")["passages"]
     rows = []
     for batch_size in (1, BATCH):
@@ -307,11 +308,11 @@ def fig_decode(cfg: dict) -> list[dict]:
                              "recompute_decoding": partial(seconds, partial(recompute, length, memory))},
                             cfg["repeats"])
             n = batch_size * length
-            rows.append(row(f"decode dim 256, B={batch_size}, {length} tokens, tok/s", n / t["cached"]["s"],
+            rows.append(row(f"decode dim {dim}, B={batch_size}, {length} tokens, tok/s", n / t["cached"]["s"],
                             n / t["recompute"]["s"], "tok/s", "generate (KV cache)", "generate_recompute",
                             ratio_best=best_ratio(t, "cached", "recompute"), token_agreement=agreement(True),
                             encode_s=encode, timings=t))
-            rows.append(row(f"decode dim 256, B={batch_size}, {length} tokens, decoding steps only, tok/s",
+            rows.append(row(f"decode dim {dim}, B={batch_size}, {length} tokens, decoding steps only, tok/s",
                             n / t["cached_decoding"]["s"], n / t["recompute_decoding"]["s"], "tok/s",
                             "generate (KV cache), passages encoded", "generate_recompute, passages encoded",
                             ratio_best=best_ratio(t, "cached_decoding", "recompute_decoding"),

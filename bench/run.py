@@ -151,7 +151,8 @@ def main(argv: list[str], blas_line: str) -> int:
                 for n in [{"small": 100_000, "large": 1_000_000}[size] for size in sizes]:
                     steps.append(lambda n=n: [fig_search(worker, n, cfg, workdir)])
             if "decode" in figures:
-                steps.append(lambda: fig_decode(cfg))
+                for size in sizes:
+                    steps.append(lambda s=size: fig_decode(cfg, s))
             if "embed" in figures:
                 steps.append(lambda: [fig_embed(worker, cfg, workdir)])
             if "main" in figures:
