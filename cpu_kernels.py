@@ -151,7 +151,7 @@ def rope(*heads: mx.array, base: float, offset: int = 0, tables: dict | None = N
     share their positions (a layer's queries and keys), so the rotation tables are built once for all of them.
 
     `tables`, a dict kept between calls (a decoder's cache), holds tables for positions from 0 on, grown by
-    doubling: a decoding step then slices its position's rows instead of building them (9 ops a layer a step)."""
+    doubling: a decoding step then slices its position's rows instead of building them (~10 ops a layer a step)."""
     x = heads[0]
     if not on_cpu() or x.dtype != mx.float32:
         return tuple(

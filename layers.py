@@ -153,7 +153,6 @@ class SelfAttention(nn.Module):
             q, k = rope(q, k, base=self.rope_base)
         else:
             q, k = rope(q, k, base=self.rope_base, offset=cache.get("length", 0), tables=cache.setdefault("rope", {}))
-        if cache is not None:
             k, v = append_to_cache(cache, k, v)
         o = attention(q, k, v, self.scale, mask)
         if packing is None:
