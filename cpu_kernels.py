@@ -150,8 +150,9 @@ def rope(*heads: mx.array, base: float, offset: int = 0, tables: dict | None = N
     of each head rotate together), positions starting at `offset` (as `mx.fast.rope` with scale 1). The arrays
     share their positions (a layer's queries and keys), so the rotation tables are built once for all of them.
 
-    `tables`, a dict kept between calls (a decoder's cache), holds tables for positions from 0 on, grown by
-    doubling: a decoding step then slices its position's rows instead of building them (~10 ops a layer a step)."""
+    `tables`, a dict kept between calls (a decoder's cache), holds the tables of positions from 0 on per (head
+    width, base), grown by doubling: a decoding step slices its position's rows instead of building them (~10 ops
+    a layer a step)."""
     x = heads[0]
     if not on_cpu() or x.dtype != mx.float32:
         return tuple(
@@ -161,8 +162,8 @@ def rope(*heads: mx.array, base: float, offset: int = 0, tables: dict | None = N
     if tables is None:
         cos_sin = rope_tables(length, dims, base, offset)
     else:
-        if tables.get("length", 0) < offset + length or tables.get("key") != (dims, base):
-            size = max(64, 2 * (offset + length))
-            tables.update(cos_sin=rope_tables(size, dims, base), length=size, key=(dims, base))
-        cos_sin = tuple(t[offset : offset + length] for t in tables["cos_sin"])
+        cos_sin = tables.get((dims, base))
+        if cos_sin is None or cos_sin[0].shape[0] < offset + length:
+            cos_sin = tables[dims, base] = rope_tables(max(64, 2 * (offset + length)), dims, base)
+        cos_sin = tuple(t[offset : offset + length] for t in cos_sin)
     return tuple(_rope(h, *cos_sin) for h in heads)

@@ -112,17 +112,17 @@ def test_rope_matches_mlx_fast_rope_on_a_heads_view_with_gradients(offset):
 
 def test_rope_tables_kept_between_calls_rotate_exactly_as_fresh_ones():
     # a decoder's cache keeps the tables and slices each step's rows; they grow by doubling past 64 positions,
-    # and are rebuilt for another head width; every step's rotation is bit for bit the one built for it alone
+    # and another head width gets tables of its own; every rotation is bit for bit the one built for it alone
     tables: dict = {}
     x = mx.random.normal((2, 3, 1, 16), key=mx.random.key(7))
     for offset in [0, 1, 2, 63, 64, 65, 130]:
         kept = cpu_kernels.rope(x, base=10000.0, offset=offset, tables=tables)[0]
         assert mx.array_equal(kept, cpu_kernels.rope(x, base=10000.0, offset=offset)[0])
-    assert tables["length"] == 262  # grown twice: 64 -> 130 -> 262
+    assert tables[16, 10000.0][0].shape[0] == 262  # grown twice: 64 -> 130 -> 262
     several = mx.random.normal((2, 3, 5, 8), key=mx.random.key(8))  # 5 positions at once, narrower heads
     kept = cpu_kernels.rope(several, base=10000.0, offset=3, tables=tables)[0]
     assert mx.array_equal(kept, cpu_kernels.rope(several, base=10000.0, offset=3)[0])
-    assert tables["key"] == (8, 10000.0)
+    assert sorted(tables) == [(8, 10000.0), (16, 10000.0)]
 
 
 def test_rope_keeps_norms_and_is_relative():
