@@ -57,13 +57,13 @@ def save_weights(model, path: Path) -> str:
     return str(path)
 
 
-def gemm_candidates(worker: Worker, n: int = 2048) -> dict[str, Callable[[], float]]:
-    """One n x n x n fp32 matmul in MLX and one in torch, as `interleaved` candidates."""
+def gemm_candidates(worker: Worker, device: str, n: int = 2048) -> dict[str, Callable[[], float]]:
+    """One n x n x n fp32 matmul in MLX and one in torch (on `device`), as `interleaved` candidates."""
     import mlx.core as mx
 
     a, b = mx.random.normal((n, n)), mx.random.normal((n, n))
     mx.eval(a, b, a @ b)
-    worker("setup_gemm", n=n)
+    worker("setup_gemm", n=n, device=device)
     # Each sample is the best of 3 matmuls, so that a single sample per repeat still finds the peak.
     return {"gemm_mlx": lambda: min(seconds(lambda: mx.eval(a @ b)) for _ in range(3)),
             "gemm_torch": lambda: worker("time", name="gemm", best_of=3)["s"]}
@@ -74,9 +74,9 @@ def gemm_peaks(t: dict, n: int = 2048) -> dict[str, float]:
     return {k: 2 * n**3 / t[f"gemm_{k}"]["best"] / 1e9 for k in ("mlx", "torch")}
 
 
-def fig_gemm(worker: Worker, repeats: int) -> dict:
+def fig_gemm(worker: Worker, repeats: int, device: str) -> dict:
     """Peak fp32 GEMM: a 2048^3 matmul in MLX and in torch (best of 3 x `repeats`)."""
-    peaks = gemm_peaks(interleaved(gemm_candidates(worker), repeats))
+    peaks = gemm_peaks(interleaved(gemm_candidates(worker, device), repeats))
     worker("reset")
     return row("fp32 GEMM 2048^3 GFLOP/s (best)", peaks["mlx"], peaks["torch"], "GFLOP/s", "MLX", "torch")
 
@@ -100,14 +100,14 @@ def fig_train(worker: Worker, kind: str, size_name: str, cfg: dict, workdir: Pat
     mx.save_safetensors(str(batch_file), {k: mx.array(v) for k, v in batch_np.items()})
     setup = worker("setup_train", kind=kind, size=size, weights=save_weights(model, workdir / "w.safetensors"),
                    batch=str(batch_file), batch_keys=list(batch_np), copy=bool(getattr(model.args, "copy", False)),
-                   params=params, compile=not cfg["no_torch_compile"], warmup=cfg["warmup"])
+                   params=params, compile=not cfg["no_torch_compile"], warmup=cfg["warmup"], device=cfg["device"])
     if abs(setup["initial_loss"] - initial_loss) > 1e-3 * max(1.0, abs(initial_loss)):
         raise AssertionError(f"{kind}: torch loss {setup['initial_loss']:.6f} != MLX loss {initial_loss:.6f} "
                              f"with the same weights: bench/torch_models.py no longer matches the MLX model")
 
     # main.py's CPU step: each batch's rows spread over the cores (cores.py), the encoders packed (the padding
     # skipped), mx.compile'd. Also timed, padded as torch computes it: the same step, the step uncompiled, and
-    # uncompiled on one stream (before cores.py), on one model.
+    # uncompiled on one stream (before cores.py; not on a GPU, where there is one stream), on one model.
     import cores
 
     optimizer = optim.AdamW(learning_rate=1e-3, weight_decay=0.01)
@@ -125,15 +125,16 @@ def fig_train(worker: Worker, kind: str, size_name: str, cfg: dict, workdir: Pat
     warm = seconds(partial(run, True, True, True), cfg["warmup"])
     run(True)
     run(False)
-    run(False, False)
     candidates = {"mlx_packed": lambda: seconds(partial(run, True, True, True), cfg["steps"]),
                   "mlx_compiled": lambda: seconds(partial(run, True), cfg["steps"]),
                   "mlx": lambda: seconds(run, cfg["steps"]),
-                  "mlx_one_stream": lambda: seconds(partial(run, False, False), cfg["steps"]),
                   "eager": lambda: worker("time", name="eager", steps=cfg["steps"])["s"]}
+    if cores.spreads():
+        run(False, False)
+        candidates["mlx_one_stream"] = lambda: seconds(partial(run, False, False), cfg["steps"])
     if "compiled" in setup["ready"]:
         candidates["compiled"] = lambda: worker("time", name="compiled", steps=cfg["steps"])["s"]
-    candidates.update(gemm_candidates(worker))
+    candidates.update(gemm_candidates(worker, cfg["device"]))
     t = interleaved(candidates, cfg["repeats"])
     peaks = gemm_peaks(t)
     profile = profile_step(kind, model, loss_fn, batch, cfg) if cfg["profile"] and size_name == "small" else None
@@ -164,9 +165,10 @@ def fig_train(worker: Worker, kind: str, size_name: str, cfg: dict, workdir: Pat
                     ratio_best=best_ratio(t, "mlx_packed", "mlx_compiled")))
     rows.append(row(f"{label}, mx.compile vs not (padded)", padded, tokens / t["mlx"]["s"], "tok/s",
                     padded_name, streams, ratio_best=best_ratio(t, "mlx_compiled", "mlx")))
-    rows.append(row(f"{label}, streams vs one (padded)", tokens / t["mlx"]["s"],
-                    tokens / t["mlx_one_stream"]["s"], "tok/s", streams, "MLX, one stream",
-                    ratio_best=best_ratio(t, "mlx", "mlx_one_stream")))
+    if "mlx_one_stream" in t:
+        rows.append(row(f"{label}, streams vs one (padded)", tokens / t["mlx"]["s"],
+                        tokens / t["mlx_one_stream"]["s"], "tok/s", streams, "MLX, one stream",
+                        ratio_best=best_ratio(t, "mlx", "mlx_one_stream")))
     # One peak for both: the faster of the two GEMMs is what this machine can do.
     best_ref, peak = ("compiled" if "compiled" in t else "eager"), max(peaks.values())
     # FLOPs of the padded batch over the padded step's time, for both: the share of the peak each turns into work.
@@ -232,7 +234,8 @@ def profile_step(kind: str, model, loss_fn, batch, cfg: dict) -> dict:
 
 
 def fig_search(worker: Worker, n: int, cfg: dict, workdir: Path) -> dict:
-    """Figure 2: exact top-20 inner-product search, index.search vs faiss IndexFlatIP; same ids up to ties."""
+    """Figure 2: exact top-20 inner-product search, index.search vs faiss IndexFlatIP (on a GPU: torch's matmul and
+    topk on the same GPU); same ids up to ties."""
     import mlx.core as mx
     import numpy as np
 
@@ -253,24 +256,25 @@ def fig_search(worker: Worker, n: int, cfg: dict, workdir: Path) -> dict:
         got["ids"] = index.search(q, e, 20)[1]
 
     run()
-    ids_file = str(workdir / "faiss_ids.safetensors")
-    worker("setup_search", data=str(path), k=20, ids_file=ids_file)
-    t = interleaved({"mlx": lambda: seconds(run), "faiss": lambda: worker("time", name="search")["s"]},
+    ids_file = str(workdir / "reference_ids.safetensors")
+    worker("setup_search", data=str(path), k=20, ids_file=ids_file, device=cfg["device"])
+    t = interleaved({"mlx": lambda: seconds(run), "reference": lambda: worker("time", name="search")["s"]},
                     cfg["repeats"])
     worker("reset")
-    ids_faiss = np.array(mx.load(ids_file)["ids"]).astype(np.int64)
+    reference = "faiss IndexFlatIP" if cfg["device"] == "cpu" else f"torch matmul + topk ({cfg['device']})"
+    ids_ref = np.array(mx.load(ids_file)["ids"]).astype(np.int64)
     # Equal up to ties: the exact (float64) scores of both top-20 lists must agree rank by rank.
     q64, e64 = queries.astype(np.float64), emb.astype(np.float64)
 
     def exact(ids):
         return np.sort(np.einsum("qd,qkd->qk", q64, e64[ids]), axis=1)
 
-    if not np.allclose(exact(got["ids"]), exact(ids_faiss), atol=1e-5):
-        raise AssertionError(f"search over {n:,}: MLX and faiss top-20 differ beyond ties")
-    same = float(np.mean([set(a) == set(b) for a, b in zip(got["ids"], ids_faiss, strict=True)]))
-    return row(f"top-20 search {n // 1000}k x 64d, 1000 queries, q/s", 1000 / t["mlx"]["s"], 1000 / t["faiss"]["s"],
-               "q/s", "index.search", "faiss IndexFlatIP", ratio_best=best_ratio(t, "mlx", "faiss"),
-               rows_with_identical_id_sets=same, timings=t)
+    if not np.allclose(exact(got["ids"]), exact(ids_ref), atol=1e-5):
+        raise AssertionError(f"search over {n:,}: MLX and {reference} top-20 differ beyond ties")
+    same = float(np.mean([set(a) == set(b) for a, b in zip(got["ids"], ids_ref, strict=True)]))
+    return row(f"top-20 search {n // 1000}k x 64d, 1000 queries, q/s", 1000 / t["mlx"]["s"],
+               1000 / t["reference"]["s"], "q/s", "index.search", reference,
+               ratio_best=best_ratio(t, "mlx", "reference"), rows_with_identical_id_sets=same, timings=t)
 
 
 def fig_decode(cfg: dict, size: str = "small") -> list[dict]:
@@ -337,7 +341,8 @@ def fig_embed(worker: Worker, cfg: dict, workdir: Path) -> dict:
             with cores.spread():
                 mx.eval(model(mx.array(chunks[i : i + 256])))
 
-    worker("setup_embed", weights=save_weights(model, workdir / "w.safetensors"), size=SIZES["small"], chunks=n)
+    worker("setup_embed", weights=save_weights(model, workdir / "w.safetensors"), size=SIZES["small"], chunks=n,
+           device=cfg["device"])
     t = interleaved({"mlx": lambda: seconds(lambda: mx.eval(index.embed(model, chunks))),
                      "mlx_padded": lambda: seconds(padded),
                      "torch": lambda: worker("time", name="embed")["s"]}, cfg["repeats"])

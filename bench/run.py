@@ -1,13 +1,13 @@
 """Benchmark suite: our MLX models and search against PyTorch / faiss references, measured in one run.
 
-    python bench/run.py [--quick] [--skip_main] [--profile]
+    python bench/run.py [--quick] [--skip_main] [--profile] [--gpu [--tf32]]
 
 Prints one table and writes bench/results.json. MLX runs in this process, re-executed with a fast BLAS exactly as
-main.py does. PyTorch and faiss run in one subprocess (bench/torch_worker.py) started with the user's own
-environment (no BLAS preload), so neither framework's threads disturb the other's timings. The two sides' timings
-are interleaved (one MLX sample, one reference sample, repeat) so that load from other processes hits both
-alike; each figure is the median of the samples. Arrays travel between the processes through safetensors
-files, commands as JSON lines.
+main.py does; with --gpu, on MLX's GPU backend (no re-exec) against torch on the same GPU. PyTorch and faiss run in
+one subprocess (bench/torch_worker.py) started with the user's own environment (no BLAS preload), so neither
+framework's threads disturb the other's timings. The two sides' timings are interleaved (one MLX sample, one
+reference sample, repeat) so that load from other processes hits both alike; each figure is the median of the
+samples. Arrays travel between the processes through safetensors files, commands as JSON lines.
 """
 
 from __future__ import annotations
@@ -80,12 +80,20 @@ def blas_threads(path: str | None) -> int | None:
     return None
 
 
-def set_threads(argv: list[str]) -> None:
-    """Apply --threads through the environment, before any BLAS or OpenMP runtime is loaded (or re-executed)."""
-    threads = build_parser().parse_known_args(argv)[0].threads
-    if threads is not None and threads > 0:
+def set_environment(argv: list[str]) -> None:
+    """Apply --threads and --tf32 through the environment, before any BLAS, OpenMP runtime or MLX is loaded (or
+    this process re-executed), and so that the reference process inherits them."""
+    args = build_parser().parse_known_args(argv)[0]
+    if args.threads is not None and args.threads > 0:
         for var in ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS"):
-            os.environ[var] = str(threads)
+            os.environ[var] = str(args.threads)
+    # MLX's CUDA backend runs fp32 matmuls in TF32 unless MLX_ENABLE_TF32=0; torch keeps full fp32 unless told.
+    os.environ["MLX_ENABLE_TF32"] = os.environ["RAGMLX_BENCH_TF32"] = "1" if args.tf32 else "0"
+
+
+def torch_device(gpu: bool) -> str:
+    """The torch device that runs on the GPU MLX uses: CUDA on Linux, MPS (Metal) on macOS; else the CPU."""
+    return ("mps" if platform.system() == "Darwin" else "cuda") if gpu else "cpu"
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -104,6 +112,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--repeats", type=int, default=3, help="timed samples per measurement (the median is kept)")
     p.add_argument("--only", default="train,search,decode,embed,main",
                    help="comma-separated figures to run: train,search,decode,embed,main")
+    p.add_argument("--gpu", action="store_true",
+                   help="time MLX on its GPU backend (mlx[cuda] on Linux, Metal on macOS) against torch on the same "
+                        "GPU; search against torch's matmul + topk instead of faiss; --profile is CPU only")
+    p.add_argument("--tf32", action="store_true",
+                   help="with --gpu: fp32 matmuls in TF32 on both sides (MLX's CUDA default, torch's 'high' "
+                        "precision); default: full fp32 on both")
     p.add_argument("--out", default=str(ROOT / "bench" / "results.json"), help="where to write the JSON results")
     return p
 
@@ -116,7 +130,8 @@ def main(argv: list[str], blas_line: str) -> int:
     problem = (f"--only: unknown figure(s) {sorted(unknown)}" if unknown else
                "--threads must be positive" if args.threads is not None and args.threads <= 0 else
                f"--sizes: expected small and/or large, got {args.sizes!r}" if not set(sizes) <= set(SIZES) else
-               "--repeats must be positive" if args.repeats <= 0 else None)
+               "--repeats must be positive" if args.repeats <= 0 else
+               "--tf32 needs --gpu" if args.tf32 and not args.gpu else None)
     if problem:
         print(f"error: {problem}", file=sys.stderr)
         return 2
@@ -128,19 +143,28 @@ def main(argv: list[str], blas_line: str) -> int:
     import cores
     import fastpath
 
-    mx.set_default_device(mx.cpu)
-    fastpath.keep_freed_memory()  # as main.py sets up the CPU
-    cores.configure(args.threads or 0)  # --threads N: N streams of one BLAS thread each, as torch gets N threads
+    if args.gpu:  # as main.py --gpu sets up the device
+        if not (mx.metal.is_available() or (hasattr(mx, "cuda") and mx.cuda.is_available())):
+            print("error: --gpu: this MLX build has no GPU backend (mlx[cuda13] or mlx[cuda12] on Linux)",
+                  file=sys.stderr)
+            return 2
+        mx.set_default_device(mx.gpu)
+        cores.configure(1)
+    else:
+        mx.set_default_device(mx.cpu)
+        fastpath.keep_freed_memory()  # as main.py sets up the CPU
+        cores.configure(args.threads or 0)  # --threads N: N streams of one BLAS thread each, as torch N threads
+    device = torch_device(args.gpu)
     cfg = {"warmup": 1, "steps": 1, "repeats": args.repeats, "no_torch_compile": args.no_torch_compile,
-           "embed_chunks": 512 if args.quick else 2048, "profile": args.profile}
+           "embed_chunks": 512 if args.quick else 2048, "profile": args.profile and not args.gpu, "device": device}
     load_start, started = os.getloadavg(), time.perf_counter()
     rows: list[dict] = []
     with tempfile.TemporaryDirectory(prefix="ragmlx-bench-") as tmp:
         workdir = Path(tmp)
         worker = Worker(workdir / "worker.log")
         try:
-            info = worker("info")
-            rows.append(fig_gemm(worker, max(args.repeats, 5)))
+            info = worker("info", device=device)
+            rows.append(fig_gemm(worker, max(args.repeats, 5), device))
             print(table(rows), flush=True)
             steps: list[Callable[[], list[dict]]] = []
             if "train" in figures:
@@ -156,7 +180,7 @@ def main(argv: list[str], blas_line: str) -> int:
             if "embed" in figures:
                 steps.append(lambda: [fig_embed(worker, cfg, workdir)])
             if "main" in figures:
-                steps.append(lambda: fig_main(workdir, shlex.split(args.main_args)))
+                steps.append(lambda: fig_main(workdir, ["--gpu"] * args.gpu + shlex.split(args.main_args)))
             for fn in steps:
                 new = fn()
                 rows.extend(new)
@@ -167,6 +191,11 @@ def main(argv: list[str], blas_line: str) -> int:
         "command": " ".join(["python", "bench/run.py", *argv]),
         "date": datetime.datetime.now().astimezone().isoformat(timespec="seconds"),
         "machine": machine(),
+        "device": device,
+        "gpu": info.get("gpu"),
+        "cuda": info.get("cuda"),
+        "float32_matmul": ("TF32" if args.tf32 else "full fp32") if args.gpu else "fp32 (CPU)",
+        "torch_float32_matmul_precision": info["float32_matmul_precision"],
         "versions": {"mlx": mx.__version__, "numpy": np.__version__, "torch": info["torch"], "faiss": info["faiss"]},
         "blas": fastpath.blas_in_use(),
         "startup": blas_line,
@@ -184,7 +213,8 @@ def main(argv: list[str], blas_line: str) -> int:
     }
     Path(args.out).write_text(json.dumps(results, indent=1, default=float) + "\n")
     m = results["machine"]
-    print(f"\n{results['date']}  {m['cpu']}, {m['cores']} cores  MLX BLAS: {results['blas']}  "
+    where = f"GPU {info.get('gpu') or device}, {results['float32_matmul']}" if args.gpu else f"MLX BLAS: {results['blas']}"
+    print(f"\n{results['date']}  {m['cpu']}, {m['cores']} cores  {where}  "
           f"load {load_start[0]:.1f} -> {os.getloadavg()[0]:.1f}")
     print(table(rows))
     print(f"wrote {args.out} ({results['wall_s']:.0f}s)")
@@ -195,8 +225,11 @@ if __name__ == "__main__":
     import fastpath
     import cores
 
-    cores.widen_graph_order()  # as main.py: before MLX evaluates anything; inherited by the re-exec
-    set_threads(sys.argv[1:])
-    line = fastpath.ensure_fast_blas(sys.argv)  # may re-exec this process with a fast BLAS preloaded
+    set_environment(sys.argv[1:])
+    if "--gpu" in sys.argv[1:]:  # the CPU's BLAS times nothing here
+        line = fastpath.fast_blas_disabled("--gpu")
+    else:
+        cores.widen_graph_order()  # as main.py: before MLX evaluates anything; inherited by the re-exec
+        line = fastpath.ensure_fast_blas(sys.argv)  # may re-exec this process with a fast BLAS preloaded
     print(line, flush=True)
     sys.exit(main(sys.argv[1:], line))

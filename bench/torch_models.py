@@ -25,8 +25,8 @@ def rope(x: torch.Tensor, base: float = 10000.0) -> torch.Tensor:
     """MLX's non-traditional RoPE (rotate the two halves of each head) on [B, H, L, Dh]."""
     L, dh = x.shape[-2], x.shape[-1]
     half = dh // 2
-    inv = base ** (-torch.arange(half, dtype=torch.float32) / half)
-    angles = torch.arange(L, dtype=torch.float32)[:, None] * inv[None, :]
+    inv = base ** (-torch.arange(half, dtype=torch.float32, device=x.device) / half)
+    angles = torch.arange(L, dtype=torch.float32, device=x.device)[:, None] * inv[None, :]
     cos, sin = angles.cos(), angles.sin()
     x1, x2 = x[..., :half], x[..., half:]
     return torch.cat([x1 * cos - x2 * sin, x1 * sin + x2 * cos], dim=-1)
@@ -145,8 +145,8 @@ def contrastive_loss(model: Retriever, questions, chunks, positive_mask):
     """retriever.contrastive_loss."""
     q, c = model(questions), model(chunks)
     scores = (q @ c.T) / model.temperature
-    target = torch.arange(q.shape[0])
-    eye = torch.arange(scores.shape[1])[None, :] == target[:, None]
+    target = torch.arange(q.shape[0], device=q.device)
+    eye = torch.arange(scores.shape[1], device=q.device)[None, :] == target[:, None]
     scores = torch.where(positive_mask & ~eye, NEG_INF, scores)
     loss = F.cross_entropy(scores, target)
     acc = (scores.argmax(1) == target).float().mean()
@@ -191,7 +191,7 @@ class Generator(nn.Module):
         memory_mask = padding_mask(valid.reshape(B, P * L))
         x = self.embed(answer_in)
         T = x.shape[1]
-        causal = torch.triu(torch.full((T, T), NEG_INF), diagonal=1)
+        causal = torch.triu(torch.full((T, T), NEG_INF, device=answer_in.device), diagonal=1)
         for block in self.blocks:
             x = block(x, memory, causal, memory_mask)
         h = self.norm(x)

@@ -2,12 +2,15 @@
 
 bench/run.py starts this once with the user's own environment (no BLAS preload), sends one command per line
 ("setup_train", "time", ...) and reads one JSON reply per line; arrays arrive as safetensors files. Timing code
-and sizes are bench/workload.py's, so both sides measure alike.
+and sizes are bench/workload.py's, so both sides measure alike. Each setup names its torch device ("cpu", "cuda"
+or "mps"); a GPU's callables wait for the device before they return, so `time` measures finished work. On a GPU
+the search reference is torch's own exact search (a matmul and `topk`), faiss's flat index being the CPU's.
 """
 
 from __future__ import annotations
 
 import json
+import os
 import sys
 
 from workload import VOCAB, embed_chunks, seconds
@@ -39,50 +42,51 @@ def worker_task(task: str, spec: dict, state: dict) -> dict:
         state.clear()
         return {}
     if task == "info":
-        import faiss
-        import torch
+        return device_info(spec.get("device", "cpu"))
 
-        return {"torch": torch.__version__, "faiss": faiss.__version__, "threads": torch.get_num_threads(),
-                "torch_blas": [s.strip() for s in torch.__config__.show().splitlines() if "Math Kernel" in s
-                               or "OpenBLAS" in s or "MKL-DNN" in s]}
+    import torch
+
+    device = torch.device(spec.get("device", "cpu"))
     if task == "setup_gemm":
-        import torch
-
-        a, b = torch.randn(spec["n"], spec["n"]), torch.randn(spec["n"], spec["n"])
-        state["gemm"] = lambda: a @ b
+        a, b = (torch.randn(spec["n"], spec["n"], device=device) for _ in range(2))
+        state["gemm"] = synced(lambda: a @ b, device)
         state["gemm"]()
         return {}
     if task == "setup_search":
-        import faiss
-
         data = load_file(spec["data"])
-        flat = faiss.IndexFlatIP(data["index"].shape[1])
-        flat.add(data["index"])
-        state["search"] = lambda: flat.search(data["queries"], spec["k"])
-        save_file({"ids": state["search"]()[1].astype(np.int64)}, spec["ids_file"])
+        if device.type == "cpu":
+            import faiss
+
+            flat = faiss.IndexFlatIP(data["index"].shape[1])
+            flat.add(data["index"])
+            state["search"] = lambda: flat.search(data["queries"], spec["k"])[1]
+        else:
+            index, queries = (torch.from_numpy(data[k]).to(device) for k in ("index", "queries"))
+            state["search"] = synced(lambda: torch.topk(queries @ index.T, spec["k"], dim=1).indices, device)
+        save_file({"ids": np.asarray(torch.as_tensor(state["search"]()).cpu(), dtype=np.int64)}, spec["ids_file"])
         return {}
 
-    import torch
     import torch_models as TM
 
     size, flat = spec["size"], load_file(spec["weights"])
     if task == "setup_embed":
         model = TM.Retriever(VOCAB, **size)
         TM.load_flat(model, flat)
-        chunks = torch.from_numpy(embed_chunks(spec["chunks"])).long()
+        model.to(device)
+        chunks = torch.from_numpy(embed_chunks(spec["chunks"])).long().to(device)
 
         def embed():
             with torch.inference_mode():
                 return [model(chunks[i : i + 256]) for i in range(0, len(chunks), 256)]
 
-        state["embed"] = embed
-        embed()
+        state["embed"] = synced(embed, device)
+        state["embed"]()
         return {}
 
     assert task == "setup_train", task
     arrays = load_file(spec["batch"])
     batch = [torch.from_numpy(arrays[k]) for k in spec["batch_keys"]]
-    batch = [b if b.dtype == torch.bool else b.long() for b in batch]
+    batch = [(b if b.dtype == torch.bool else b.long()).to(device) for b in batch]
     loss_fn = TM.contrastive_loss if spec["kind"] == "retriever" else TM.seq2seq_loss
 
     def fresh():
@@ -94,7 +98,7 @@ def worker_task(task: str, spec: dict, state: dict) -> dict:
         TM.load_flat(m, flat)
         if TM.count_parameters(m) != spec["params"]:
             raise AssertionError(f"torch has {TM.count_parameters(m):,} parameters, MLX {spec['params']:,}")
-        return m
+        return m.to(device)
 
     def make_step(m, loss):
         # fused: torch's fastest AdamW on the CPU (the default per-tensor loop took ~20 ms of a retriever step)
@@ -106,7 +110,7 @@ def worker_task(task: str, spec: dict, state: dict) -> dict:
             torch.nn.utils.clip_grad_norm_(m.parameters(), 1.0)
             opt.step()
 
-        return step
+        return synced(step, device)
 
     eager = fresh()
     with torch.no_grad():
@@ -125,6 +129,47 @@ def worker_task(task: str, spec: dict, state: dict) -> dict:
     return reply
 
 
+def synced(fn, device):
+    """`fn` that returns only once the device has finished its work (a GPU runs it asynchronously)."""
+    import torch
+
+    if device.type == "cpu":
+        return fn
+    wait = torch.cuda.synchronize if device.type == "cuda" else torch.mps.synchronize
+
+    def call():
+        out = fn()
+        wait()
+        return out
+
+    return call
+
+
+def device_info(device: str) -> dict:
+    """Versions, threads, BLAS, and the GPU's name and fp32 matmul precision for a GPU `device`; an error when
+    torch cannot use it. faiss is only the CPU's reference: None where it is not installed."""
+    import torch
+
+    try:
+        import faiss
+
+        faiss_version = faiss.__version__
+    except ImportError:
+        faiss_version = None
+    info = {"torch": torch.__version__, "faiss": faiss_version, "threads": torch.get_num_threads(),
+            "torch_blas": [s.strip() for s in torch.__config__.show().splitlines() if "Math Kernel" in s
+                           or "OpenBLAS" in s or "MKL-DNN" in s]}
+    if device == "cuda":
+        if not torch.cuda.is_available():
+            raise RuntimeError("torch sees no CUDA device")
+        info["gpu"] = torch.cuda.get_device_name()
+        info["cuda"] = torch.version.cuda
+    elif device == "mps" and not torch.backends.mps.is_available():
+        raise RuntimeError("torch sees no MPS device")
+    info["float32_matmul_precision"] = torch.get_float32_matmul_precision()
+    return info
+
+
 if __name__ == "__main__":
     from workload import ROOT
 
@@ -134,4 +179,9 @@ if __name__ == "__main__":
     # The allocator settings bench/run.py gives MLX's process (as main.py does): without them every torch step
     # faults its freed buffers back in, tens of thousands of page faults a step that MLX's step does not pay.
     fastpath.keep_freed_memory()
+    # --tf32 (GPU): fp32 matmuls in TF32, as MLX's CUDA backend does by default; else full fp32 on both sides.
+    if os.environ.get("RAGMLX_BENCH_TF32") == "1":
+        import torch
+
+        torch.set_float32_matmul_precision("high")
     worker_loop()
