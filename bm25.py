@@ -12,6 +12,7 @@ import os
 import re
 import shutil
 import tempfile
+import unicodedata
 from pathlib import Path
 from typing import Sequence
 
@@ -49,10 +50,12 @@ def minimal_stem(word: str) -> str:
 
 
 def tokenize(text: str, stem: str = "minimal") -> list[str]:
-    """Lower-case, drop possessive 's, delete in-word periods/apostrophes, split on all other punctuation
-    and whitespace (and between the characters of scripts written without spaces, as `normalize_answer` does),
-    remove English stopwords, then optionally apply the minimal plural stemmer."""
-    text = space_unspaced(_JOINERS.sub("", _POSSESSIVE.sub("", text.lower())))
+    """NFKC (as the tokenizer, whose decoded chunks are indexed, normalises a raw question), lower-case, drop
+    possessive 's, delete in-word periods/apostrophes, split on all other punctuation and whitespace (and between
+    the characters of scripts written without spaces, as `normalize_answer` does), remove English stopwords, then
+    optionally apply the minimal plural stemmer."""
+    text = unicodedata.normalize("NFKC", text).lower()
+    text = space_unspaced(_JOINERS.sub("", _POSSESSIVE.sub("", text)))
     words = [w for w in _WORD.findall(text) if w not in _STOPWORDS]
     if stem == "minimal":
         return [minimal_stem(w) for w in words]

@@ -28,6 +28,7 @@ import os
 import random
 import shutil
 import tempfile
+import unicodedata
 from collections import defaultdict
 from collections.abc import Iterable
 from dataclasses import dataclass
@@ -45,7 +46,9 @@ PAD_ID, UNK_ID, BOS_ID, EOS_ID = 0, 1, 2, 3
 # 2: a word before punctuation at a chunk boundary keeps its answer label; a long answer keeps its EOS.
 # 3: answers in scripts written without spaces (Chinese, Japanese, ...) are matched per character; a chunk boundary
 #    inside the second half of a hyphenated word ("San Diego-Car|lsbad") no longer drops the first half.
-FORMAT_VERSION = 3
+# 4: answers are NFKC-normalised, as the tokenizer normalises the chunks ("２０１０" finds "2010"); a boundary after a
+#    combining mark (Devanagari, Bengali, Arabic...) cuts a word; the tokenizer no longer records a thread count.
+FORMAT_VERSION = 4
 MAX_QUESTION_TOKENS = 48
 MAX_ANSWER_TOKENS = 32
 MAX_EXPANDED_TOKENS = 64  # a whole sentence, when answers are expanded
@@ -78,8 +81,9 @@ class SourceSpec:
     expander_model: str | None = None  # --expand_answers: mlx_lm model that rewrites answers as sentences
 
 
-def read_corpus(spec: SourceSpec, log=print) -> tuple[list[Document], list[QAPair]]:
-    """Documents and QA pairs from the chosen source."""
+def read_corpus(spec: SourceSpec, log=print, skip: tuple = ()) -> tuple[list[Document], list[QAPair]]:
+    """Documents and QA pairs from the chosen source; `skip`: this run's output folders, left unread where they
+    lie inside --from_dir."""
     if spec.data == "builtin":
         import builtin_corpus
 
@@ -94,7 +98,7 @@ def read_corpus(spec: SourceSpec, log=print) -> tuple[list[Document], list[QAPai
     if spec.data == "squad":
         kw["documents"] = spec.squad_documents
     try:
-        docs, qa, report = readers.read_source(spec.data, spec.from_dir, **kw)
+        docs, qa, report = readers.read_source(spec.data, spec.from_dir, skip, **kw)
     except readers.DataError as e:
         raise DatasetError(str(e)) from None
     for line in report.messages[:20]:
@@ -166,7 +170,18 @@ def train_tokenizer(texts: list[str], vocab_size: int, seed: int = 0, max_senten
             f"--vocab_size {vocab_size}: SentencePiece could not train ({e}); "
             "the corpus may be too small for it, or it is below the 256 byte pieces plus specials"
         ) from None
-    return model.getvalue()
+    return without_thread_count(model.getvalue())
+
+
+def without_thread_count(model_bytes: bytes) -> bytes:
+    """A trained SentencePiece model with the trainer's thread count cleared from its recorded settings. It does not
+    change a piece, but it changed the file's bytes, and so the tokenizer's sha1 that checkpoints are keyed on, from
+    one machine to another with a different number of cores."""
+    from sentencepiece import sentencepiece_model_pb2
+
+    proto = sentencepiece_model_pb2.ModelProto.FromString(model_bytes)
+    proto.trainer_spec.ClearField("num_threads")
+    return proto.SerializeToString()
 
 
 def load_tokenizer(path: str | Path) -> spm.SentencePieceProcessor:
@@ -195,8 +210,10 @@ def chunk_documents(doc_tokens: list[list[int]], context_size: int) -> tuple[np.
 
 
 def _word_char(ch: str) -> bool:
-    # U+FFFD is a character whose UTF-8 bytes (byte-fallback pieces, "<0xC3>") a boundary splits: part of a word.
-    return ch == "\ufffd" or (ch.isalnum() and not is_unspaced(ch))
+    # U+FFFD is a character whose UTF-8 bytes (byte-fallback pieces, "<0xC3>") a boundary splits: part of a word;
+    # so is a combining mark (a vowel sign or virama in Devanagari, Bengali, Tamil...; Arabic harakat), which
+    # `isalnum` calls neither a letter nor a digit.
+    return ch == "\ufffd" or ((ch.isalnum() or unicodedata.category(ch)[0] == "M") and not is_unspaced(ch))
 
 
 def whole_word_texts(sp: spm.SentencePieceProcessor, chunks: np.ndarray, chunk_doc: np.ndarray) -> list[str]:
@@ -231,19 +248,23 @@ def label_answers(
     chunk_doc: np.ndarray,
     qa: list[QAPair],
     doc_index: dict[str, int],
+    sp: spm.SentencePieceProcessor | None = None,
 ) -> list[list[int]]:
     """For each question, the chunks whose normalised text contains a normalised answer as whole words.
 
     When a question names its evidence documents only their chunks are searched (the answer string may appear
-    elsewhere by chance); otherwise every chunk, through an inverted index on words."""
+    elsewhere by chance); otherwise every chunk, through an inverted index on words. With the tokenizer `sp` that
+    the chunk texts were decoded from, each answer first goes through it too (decode(encode(answer))), so both
+    sides carry the same normalisation: NFKC, and the deletion of U+FFFD that a misread byte became."""
     norm = [f" {normalize_answer(t)} " for t in chunk_texts]
+    tokenized = (lambda a: sp.decode(sp.encode(a))) if sp is not None else (lambda a: a)
     doc_chunks: dict[int, list[int]] = defaultdict(list)
     for c, d in enumerate(chunk_doc.tolist()):
         doc_chunks[d].append(c)
     postings: dict[str, list[int]] | None = None
     labels = []
     for q in qa:
-        answers = [a for a in (normalize_answer(a) for a in q.answers) if a]
+        answers = [a for a in (normalize_answer(tokenized(a)) for a in q.answers) if a]
         evidence = [doc_index[d] for d in q.doc_ids if d in doc_index]
         if evidence:
             candidates = [c for d in evidence for c in doc_chunks[d]]
@@ -329,7 +350,7 @@ def expand_qa(model_name: str | None, qa: list[QAPair], to_dir: Path, log=print)
     return out, cache
 
 
-def fingerprint(spec: SourceSpec, vocab_size: int, context_size: int) -> str:
+def fingerprint(spec: SourceSpec, vocab_size: int, context_size: int, skip: tuple = ()) -> str:
     import builtin_corpus
 
     payload = dict(vars(spec), vocab_size=vocab_size, context_size=context_size, version=FORMAT_VERSION)
@@ -341,19 +362,25 @@ def fingerprint(spec: SourceSpec, vocab_size: int, context_size: int) -> str:
         payload["builtin_version"] = builtin_corpus.VERSION
     if spec.from_dir:
         payload["from_dir"] = os.path.abspath(spec.from_dir)
-        payload["files"] = source_files_signature(spec.from_dir)
+        payload["files"] = source_files_signature(spec.from_dir, skip)
     return hashlib.sha1(json.dumps(payload, sort_keys=True).encode()).hexdigest()
 
 
-def source_files_signature(path: str | Path) -> str:
+def source_files_signature(path: str | Path, skip: tuple = ()) -> str:
     """A hash of every source file's relative path, size and mtime, so edited data is re-read. Symlinked folders
-    are followed as the folder reader follows them; paths are hashed as bytes, since a file name need not be UTF-8."""
+    are followed as the folder reader follows them, and as it does, hidden files and folders (a `.git` that git
+    rewrites) and the folders in `skip` (this run's outputs inside the source folder) are left out; paths are
+    hashed as bytes, since a file name need not be UTF-8."""
     import readers
+
+    def visible(folder: str, subdirs: list[str], names: list[str]) -> list[Path]:
+        subdirs[:] = [d for d in subdirs if not d.startswith(".")]
+        return [Path(folder) / name for name in names if not name.startswith(".")]
 
     path = Path(path)
     files = [path] if path.is_file() else []
     if path.is_dir():
-        found = (Path(folder) / name for folder, _, names in readers.walk_once(path) for name in names)
+        found = (f for walked in readers.walk_once(path, skip) for f in visible(*walked))
         files = sorted(f for f in found if f.is_file())
     h = hashlib.sha1()
     for f in files:
@@ -397,20 +424,28 @@ def _up_to_date(to_dir: Path, fp: str, log=print) -> bool:
 
 
 def build_dataset(
-    spec: SourceSpec, to_dir: str | Path, vocab_size: int = 4096, context_size: int = 64, force: bool = False, log=print
+    spec: SourceSpec,
+    to_dir: str | Path,
+    vocab_size: int = 4096,
+    context_size: int = 64,
+    force: bool = False,
+    log=print,
+    skip: tuple = (),
 ) -> Path:
-    """Read, tokenise, chunk and label a corpus into `to_dir`. Idempotent: an up-to-date cache is reused."""
+    """Read, tokenise, chunk and label a corpus into `to_dir`. Idempotent: an up-to-date cache is reused. `skip`:
+    folders of this run's outputs (--save_dir) that a source folder holding them must not be read from."""
     if context_size <= 0:
         raise DatasetError(f"--context_size must be positive, got {context_size}")
     if vocab_size < 64:
         raise DatasetError(f"--vocab_size must be at least 64, got {vocab_size}")
     to_dir = Path(to_dir)
-    fp = fingerprint(spec, vocab_size, context_size)
+    skip = (to_dir, *skip)  # our own outputs are never source data, even inside --from_dir
+    fp = fingerprint(spec, vocab_size, context_size, skip)
     if not force and _up_to_date(to_dir, fp, log):
         log(f"dataset: {to_dir} is up to date")
         return to_dir
     _check_replaceable(to_dir)  # before reading the corpus, so a refusal comes at once
-    docs, qa = read_corpus(spec, log)
+    docs, qa = read_corpus(spec, log, skip)
     docs = [d for d in docs if d.text.strip()]
     if not docs:
         raise DatasetError(f"--data {spec.data}: no documents with text")
@@ -442,7 +477,7 @@ def build_dataset(
     a_limit = MAX_ANSWER_TOKENS if expanded is None else MAX_EXPANDED_TOKENS
     a_tokens = _clip(sp.encode(targets), a_limit - 1, "answers (before their EOS)", log) if qa else []
     a_tokens = [t + [EOS_ID] for t in a_tokens]
-    labels = label_answers(chunk_texts, chunk_doc, qa, doc_index)
+    labels = label_answers(chunk_texts, chunk_doc, qa, doc_index, sp)
     no_answer = sum(1 for chunks_of_q in labels if not chunks_of_q)
     if no_answer:
         log(f"warning: {no_answer:,} of {len(qa):,} questions have their answer in no chunk (kept, counted as misses)")

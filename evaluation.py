@@ -23,6 +23,7 @@ from typing import Callable, Sequence
 import numpy as np
 
 import checkpoint as ckpt
+from datasets import whole_word_texts
 from training import UsageError
 from metrics import (
     aggregate_qa,
@@ -47,6 +48,12 @@ BM25_SOURCE = "ragmlx_eval_source.json"  # sidecar naming the dataset a cached B
 def normalised_chunk_texts(texts: Sequence[str]) -> list[str]:
     """Each chunk text normalised like the answers and space-padded, so a whole-word test is one `in`."""
     return [f" {normalize_answer(t)} " for t in texts]
+
+
+def answer_texts(data) -> list[str]:
+    """Each chunk's text as answers are matched against it, the dataset's labels' way: normalised, without a word
+    that a chunk boundary cuts (the "123" of a year split "123|1" is not the answer "123")."""
+    return normalised_chunk_texts(whole_word_texts(data.tokenizer, np.asarray(data.chunks), np.asarray(data.chunk_doc)))
 
 
 def answer_hits(
@@ -354,7 +361,7 @@ def run_eval(
 
     log(f"eval: {len(ids):,} {split} questions, {n_chunks:,} chunks; decoding chunk texts")
     texts = [data.chunk_text(c) for c in range(n_chunks)]
-    norm = normalised_chunk_texts(texts)
+    norm = answer_texts(data)
     bm25_dir = Path(args.save_dir) / "bm25" / data.tokenizer_sha1[:12]
     source = {"chunks_sha1": chunk_index.chunks_fingerprint(data.chunks), "num_chunks": n_chunks}
     bm25 = load_or_build_bm25(bm25_dir, texts, source, log)

@@ -45,12 +45,15 @@ def space_unspaced(text: str) -> str:
 def normalize_answer(s: str) -> str:
     """SQuAD's answer normalisation, with TriviaQA's underscores as spaces.
 
-    Lower-case; underscores become spaces (TriviaQA); punctuation, ASCII or Unicode, is deleted
-    (SQuAD: "U.S.A." -> "usa"; TriviaQA's script would make it a space); the articles a/an/the are removed as
-    whole words; each character of a script written without spaces (Chinese, Japanese, Korean, Thai, ...) becomes
-    a word of its own (MLQA's convention; "北京" -> "北 京"); whitespace is collapsed.
+    NFKC first, as the tokenizer normalises every text it encodes (SentencePiece's default `nmt_nfkc`): chunk
+    texts and predictions are decoded from its tokens, the gold answers are raw, and "２０１０", "ｶﾀｶﾅ", "ﬁ" or an
+    accent in decomposed form must match what the tokenizer made of them. Lower-case; underscores become spaces
+    (TriviaQA); punctuation, ASCII or Unicode, is deleted (SQuAD: "U.S.A." -> "usa"; TriviaQA's script would make
+    it a space); the articles a/an/the are removed as whole words; each character of a script written without
+    spaces (Chinese, Japanese, Korean, Thai, ...) becomes a word of its own (MLQA's convention; "北京" -> "北 京");
+    whitespace is collapsed.
     """
-    text = s.lower().replace("_", " ")
+    text = unicodedata.normalize("NFKC", s).lower().replace("_", " ")
     text = "".join(ch for ch in text if not _is_punct(ch))
     text = _ARTICLES.sub(" ", text)
     return " ".join(space_unspaced(text).split())

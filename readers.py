@@ -289,11 +289,20 @@ def read_squad(path: str | os.PathLike, documents: str = "paragraphs", max_quest
 # ------------------------------------------------------------------------------------------------ folder
 
 
-def walk_once(root: str | os.PathLike) -> Iterator[tuple[str, list[str], list[str]]]:
+def walk_once(
+    root: str | os.PathLike, skip: Iterable[str | os.PathLike] = ()
+) -> Iterator[tuple[str, list[str], list[str]]]:
     """`os.walk(root)` following symlinked folders, but entering each real folder once: a link back up the tree
-    cannot loop, and a folder linked twice is read once, through the first path in sorted order. As with os.walk,
-    a caller may prune the subfolder list in place."""
+    cannot loop, and a folder linked twice is read once, through the first path in sorted order. The folders in
+    `skip` (a run's own outputs, when they lie inside the source folder) are never entered. As with os.walk, a
+    caller may prune the subfolder list in place."""
     seen: set[tuple[int, int]] = set()
+    for folder in skip:
+        try:
+            st = os.stat(folder)
+        except OSError:  # not made yet: nothing of ours to leave out
+            continue
+        seen.add((st.st_dev, st.st_ino))
     for folder, subdirs, files in os.walk(root, followlinks=True):
         st = os.stat(folder)
         if (st.st_dev, st.st_ino) in seen:
@@ -304,11 +313,11 @@ def walk_once(root: str | os.PathLike) -> Iterator[tuple[str, list[str], list[st
         yield folder, subdirs, files
 
 
-def _text_files(root: Path) -> list[Path]:
+def _text_files(root: Path, skip: Iterable[str | os.PathLike] = ()) -> list[Path]:
     """*.txt and *.md under root, recursively (through symlinked folders too), sorted by relative path; hidden
-    files and folders left out."""
+    files and folders, and the folders in `skip`, left out."""
     found = []
-    for folder, subdirs, files in walk_once(root):
+    for folder, subdirs, files in walk_once(root, skip):
         subdirs[:] = [d for d in subdirs if not d.startswith(".")]
         for name in files:
             if not name.startswith(".") and name.lower().endswith((".txt", ".md")):
@@ -392,9 +401,13 @@ def _read_qa_jsonl(path: Path, doc_ids: set[str], report: ReadReport, max_questi
 
 
 def read_folder(
-    root: str | os.PathLike, qa_path: str | os.PathLike | None = None, max_questions: int | None = None
+    root: str | os.PathLike,
+    qa_path: str | os.PathLike | None = None,
+    max_questions: int | None = None,
+    skip: Iterable[str | os.PathLike] = (),
 ) -> ReadResult:
-    """Read every *.txt / *.md under root (id = relative path, title = first markdown heading or file stem).
+    """Read every *.txt / *.md under root (id = relative path, title = first markdown heading or file stem), but
+    none in the folders of `skip` (the run's --save_dir and --to_dir, whose reports would otherwise become documents).
 
     QA pairs come from `qa_path`, else root/qa.jsonl when present: one {"question", "answers", "id"?,
     "doc_ids"?} object per line; ids default to "q-" + sha1(question)[:12]. No QA file is fine (empty qa).
@@ -405,7 +418,7 @@ def read_folder(
         raise DataError(f"{root}: folder not found (--from_dir must be a directory of .txt/.md files)")
     report = ReadReport(source="folder")
     docs: list[Document] = []
-    for path in _text_files(root):
+    for path in _text_files(root, skip):
         try:
             text = read_text(path, report)
         except OSError as e:
@@ -436,8 +449,9 @@ def read_folder(
 # ---------------------------------------------------------------------------------------------- dispatch
 
 
-def read_source(name: str, from_dir: str | None, **kw: Any) -> ReadResult:
-    """Dispatch `--data NAME --from_dir PATH` to its reader; extra keywords go to the reader.
+def read_source(name: str, from_dir: str | None, skip: Iterable[str | os.PathLike] = (), **kw: Any) -> ReadResult:
+    """Dispatch `--data NAME --from_dir PATH` to its reader; extra keywords go to the reader. `skip`: folders the
+    folder reader must not read (the run's outputs); the other readers read named files only.
 
     For triviaqa-hf, from_dir (optional) is the Hugging Face cache folder.
     """
@@ -457,4 +471,6 @@ def read_source(name: str, from_dir: str | None, **kw: Any) -> ReadResult:
             "folder": "a folder of .txt/.md files",
         }[name]
         raise DataError(f"--data {name} needs --from_dir PATH ({what})")
+    if name == "folder":
+        kw["skip"] = skip
     return readers[name](from_dir, **kw)

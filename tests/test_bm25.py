@@ -31,6 +31,16 @@ def test_tokenize_and_stem():
     ]
 
 
+def test_a_raw_question_meets_the_tokenizers_normal_form():
+    """The indexed chunks are decoded from NFKC-normalised tokens while a question is raw: fullwidth digits, a
+    ligature or a decomposed accent must still meet their chunk."""
+    assert tokenize("２０１０ ﬁnance Beyonce\u0301") == tokenize("2010 finance Beyonc\u00e9")
+    _, ids = BM25Retriever.build(["It opened in 1998 in Osaka.", "It opened in 2010 in Kyoto."]).search(
+        ["２０１０"], k=1
+    )
+    assert ids[0, 0] == 1
+
+
 def test_unspaced_scripts_are_tokenized_per_character():
     assert tokenize("他住在北京。") == ["他", "住", "在", "北", "京"]
     chunks = ["他住在上海，是一位医生。", "她住在北京，是一位画家。", "他们都喜欢音乐和历史。"]

@@ -199,6 +199,53 @@ def test_unspaced_script_boundaries_cut_no_word():
     assert (first, second) == ("他出生在北京。他是一位", "画家,一生都在北京工作。")
 
 
+def test_boundary_after_a_combining_mark_cuts_the_word():
+    """A vowel sign or virama (Unicode category M, which `isalnum` rejects) is part of its word: "भारत|ीय" (Indian)
+    must not leave the answer "भारत" (India) standing in the first chunk, wherever the boundary falls."""
+    rng = np.random.default_rng(0)
+    words = "राम सीता भारत भारतीय लेखक थे और वे दिल्ली में रहते यह एक वाक्य है किताब पानी घर नदी पहाड़ शहर".split()
+    sp = spm.SentencePieceProcessor(
+        model_proto=D.train_tokenizer([" ".join(rng.choice(words, 12)) for _ in range(300)], 330)
+    )
+    text = "राम एक भारतीय लेखक थे।"
+    pieces = [sp.id_to_piece(t) for t in sp.encode(text)]
+    word = next(i for i, p in enumerate(pieces) if "भारत" in p)
+    end = next(i for i in range(word + 1, len(pieces)) if pieces[i].startswith("\u2581"))
+    cuts = range(word + 1, end)  # the boundaries inside "भारतीय"
+    assert cuts, pieces
+    for at in cuts:
+        first, second = split_in_two(sp, text, lambda p, at=at: at)
+        assert (first, second) == ("राम एक", "लेखक थे।"), pieces[:at]
+        labels = D.label_answers([first, second], np.zeros(2, np.int32), [QAPair("q", "?", ["भारत"])], {})
+        assert labels == [[]]
+
+
+def test_answers_match_the_tokenizers_normal_form():
+    """The tokenizer NFKC-normalises every text, so chunk texts (decoded) hold "2020" where a document and its
+    raw answer held fullwidth "２０２０"; answers go through the same normalisation, and so do the metrics."""
+    lines = ["アリスは２０２０年に東京で生まれた。Carol worked for the ﬁnance ministry; E=mc² was written."] * 50
+    sp = spm.SentencePieceProcessor(model_proto=D.train_tokenizer(lines, 300))
+    chunk = sp.decode(sp.encode(lines[0]))
+    assert "2020" in chunk and "finance" in chunk and "mc2" in chunk  # what the tokenizer made of the text
+    qa = [QAPair("q1", "?", ["２０２０年"]), QAPair("q2", "?", ["ﬁnance ministry"]), QAPair("q3", "?", ["E=mc²"])]
+    assert D.label_answers([chunk], np.zeros(1, np.int32), qa, {}, sp) == [[0], [0], [0]]
+    assert normalize_answer("２０２０年") == normalize_answer("2020年")
+    assert normalize_answer("Beyonce\u0301") == normalize_answer("Beyonc\u00e9")  # decomposed and composed accent
+
+
+def test_tokenizer_bytes_do_not_depend_on_the_number_of_cores(monkeypatch):
+    """SentencePiece records its trainer's thread count in the model; the same vocabulary trained on a machine with
+    another number of cores must be the same file (checkpoints are keyed on its sha1)."""
+    lines = [f"line {i} of a small corpus about rivers and towns" for i in range(200)]
+    made = []
+    for cores in (1, 3):
+        monkeypatch.setattr(D.os, "cpu_count", lambda cores=cores: cores)
+        made.append(D.train_tokenizer(lines, 300))
+    assert made[0] == made[1]
+    sp = spm.SentencePieceProcessor(model_proto=made[0])
+    assert sp.encode("rivers and towns") and sp.get_piece_size() == 300
+
+
 def test_label_answers_hand_checked():
     chunk_texts, chunk_doc, doc_index = hand_chunks()
     qa = [
@@ -521,6 +568,24 @@ def test_signature_follows_symlinked_folders(tmp_path):
     before = D.source_files_signature(src)
     (outside / "dave.txt").write_text("Dave Morrow was a miller in Lindell who kept a cat.\n")
     assert D.source_files_signature(src) != before
+
+
+def test_outputs_inside_the_source_folder_are_not_read(tmp_path):
+    """`cd notes && main.py --data folder --from_dir .` puts ./runs inside the source folder: the run's own files
+    (an eval report.md) must not become documents, nor make every run rebuild; nor must a hidden .git."""
+    src = write_folder(tmp_path / "src", HAND_DOCS, HAND_QA)
+    save_dir = src / "runs" / "default"
+    spec = D.SourceSpec(data="folder", from_dir=str(src))
+    logs: list[str] = []
+    D.build_dataset(spec, save_dir / "dataset", 400, 16, log=quiet, skip=(save_dir,))
+    (save_dir / "eval" / "r1").mkdir(parents=True)
+    (save_dir / "eval" / "r1" / "report.md").write_text("# Report\nRecall@5 of the dense retriever: 0.5\n")
+    (src / ".git").mkdir()
+    (src / ".git" / "index").write_text("rewritten by git status\n")
+    D.build_dataset(spec, save_dir / "dataset", 400, 16, log=logs.append, skip=(save_dir,))
+    assert any("up to date" in line for line in logs), logs
+    D.build_dataset(spec, save_dir / "dataset", 400, 16, log=quiet, skip=(save_dir,), force=True)
+    assert sorted(d["id"] for d in D.Dataset(save_dir / "dataset").documents) == sorted(HAND_DOCS)
 
 
 def test_edited_source_folder_is_rebuilt(tmp_path):

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 
 import evaluation as ev
-from metrics import contains_answer, exact_match, recall_at_k, token_f1
+from metrics import contains_answer, exact_match, normalize_answer, recall_at_k, token_f1
 
 # Planted chunks: 3 holds "Parisian" (not the word "Paris"), 5 holds "U.S.A." (normalises to "usa").
 TEXTS = [
@@ -41,6 +41,22 @@ def test_answer_hits_are_whole_word_matches_like_contains_answer():
     unmatched = np.where(np.arange(6) < 5, RANKED[2], -1)[None]
     assert ev.answer_hits(unmatched, norm, [["USA"]]) == [[]]
     assert ev.ranking_metrics(unmatched, [[5]])["recall@5"] == 0.0
+
+
+def test_a_word_cut_by_a_chunk_boundary_is_no_answer_hit(tmp_path):
+    """Eval matches answers against chunk texts as the dataset labels them: the piece of a word that a boundary
+    cuts off (a "123" of "1231") is not the answer "123" (it was counted, inflating answer-in-chunk recall)."""
+    from helpers import build_builtin
+
+    data = build_builtin(tmp_path / "ds", corpus_size=40, context_size=16)
+    raw = [data.chunk_text(c) for c in range(len(data.chunks))]
+    matched, whole = ev.answer_texts(data), ev.normalised_chunk_texts(raw)
+    last = [normalize_answer(t.split()[-1]) if t.split() else "" for t in raw]  # each chunk's last word
+    cut = [c for c, w in enumerate(last) if w and f" {w} " in whole[c] and f" {w} " not in matched[c]]
+    assert cut, "no chunk of the corpus ends inside a word"
+    for c in cut[:10]:
+        assert ev.answer_hits(np.array([[c]]), whole, [[last[c]]]) == [[c]]  # in the raw text
+        assert ev.answer_hits(np.array([[c]]), matched, [[last[c]]]) == [[]]
 
 
 def test_retrieval_metrics_on_planted_index():

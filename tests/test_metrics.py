@@ -43,7 +43,7 @@ def test_unspaced_scripts_match_and_score_per_character():
     assert exact_match("北京", ["北 京"]) == 1.0
     assert token_f1("北京市", ["北京"]) == pytest.approx(2 * (2 / 3) * 1 / (2 / 3 + 1))
     # halfwidth katakana, kana and Han extensions (G, in U+3xxxx) are such scripts too; other scripts are not
-    assert normalize_answer("ｶﾀｶﾅ") == "ｶ ﾀ ｶ ﾅ" and normalize_answer("ㇰㇱ") == "ㇰ ㇱ"
+    assert normalize_answer("ｶﾀｶﾅ") == "カ タ カ ナ" and normalize_answer("ㇰㇱ") == "ㇰ ㇱ"  # halfwidth: NFKC first
     assert normalize_answer("\U00030000\U00030001") == "\U00030000 \U00030001"
     assert token_f1("ｶﾀ", ["ｶﾀｶﾅ"]) == token_f1("カタ", ["カタカナ"]) > 0
     assert normalize_answer("Привет мир, γειά σου, مرحبا, naïve") == "привет мир γειά σου مرحبا naïve"
