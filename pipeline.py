@@ -293,6 +293,10 @@ def check_flags(args: argparse.Namespace) -> None:
     save_dir = Path(args.save_dir)
     if save_dir.exists() and not save_dir.is_dir():
         raise training.UsageError(f"--save_dir {save_dir}: exists and is not a folder")
+    training_runs = args.target in ("retriever", "all") and not args.inference  # reading needs no write access
+    for folder in (save_dir, checkpoint_dir(args)) if training_runs else ():  # now, not at the first save
+        if folder.exists() and not (folder.is_dir() and os.access(folder, os.W_OK | os.X_OK)):
+            raise training.UsageError(f"--save_dir {save_dir}: {folder} is not a folder this user can write to")
     if args.top_k <= 0:
         raise training.UsageError(f"--top_k must be positive, got {args.top_k}")
     if getattr(args, "eval_chunks", 1) <= 0:
@@ -310,6 +314,9 @@ def check_flags(args: argparse.Namespace) -> None:
         raise training.UsageError(
             f"--new_model starts a fresh generator; it cannot also resume --identifier {args.identifier}"
         )
+    if args.identifier is not None and args.target == "all":
+        # the generator's checkpoint named now, not after the retriever stage has trained, saved and pruned
+        checkpoint.resolve_id(checkpoint_dir(args), "generator", args.identifier)
     for flag in ("retriever_iters", "num_iters"):  # the training config calls both "num_iters"
         if getattr(args, flag) is not None and getattr(args, flag) <= 0:
             raise training.UsageError(f"--{flag} must be positive, got {getattr(args, flag)}")

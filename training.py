@@ -89,21 +89,29 @@ def resume_hint(new_model: bool, identifier: str | None, flag: str) -> str:
     return RESUME_HINT
 
 
+INTERRUPT_NOTE = b"\ninterrupt: finishing this step, saving, then exiting (Ctrl+C again to exit now)\n"
+
+
 class GracefulInterrupt:
     """First Ctrl+C asks the loop to stop after the current step (and save); the second exits at once.
 
     Saves are atomic (temp file + rename), so exiting mid-save never leaves a torn checkpoint."""
 
-    def __init__(self, log: Callable[[str], None] = print):
+    def __init__(self):
         self.requested = False
-        self.log = log
         self._previous = None
 
     def _handler(self, signum, frame):
         if self.requested:
             os._exit(130)
         self.requested = True
-        self.log("\ninterrupt: finishing this step, saving, then exiting (Ctrl+C again to exit now)")
+        # Straight to the file descriptor, never through Python's buffered streams: the signal can arrive while the
+        # loop's own print is blocked writing to a paused terminal or a full pipe, and printing from inside that
+        # write raises "reentrant call", which escaped the loop unsaved.
+        try:
+            os.write(2, INTERRUPT_NOTE)
+        except OSError:  # no stderr: the stop itself still happens
+            pass
 
     def __enter__(self):
         try:
@@ -240,7 +248,7 @@ def fit(
         return metrics
     losses, auxes, ntoks = [], [], []
     tic = time.perf_counter()
-    with GracefulInterrupt(log) as interrupt:
+    with GracefulInterrupt() as interrupt:
 
         def stop_asked() -> bool:  # a Ctrl+C seen by any rank (one tiny all_sum under mlx.launch)
             return dist.any_flag(interrupt.requested) if size > 1 else interrupt.requested
@@ -291,8 +299,8 @@ def fit(
                 if main:
                     save(done, metrics)
                 tic = time.perf_counter()
-            elif stop and main:
-                save(done, metrics)
+            elif stop and main:  # between evaluations: this step's training loss, not the last evaluation's metrics
+                save(done, {"train_loss": metrics["train_loss"]})
             if stop:
                 log(f"stopped at step {done}; {resume_hint}")
                 raise Stopped(done)
@@ -404,4 +412,10 @@ def save_state(
     meta.update(extra)
     weights = dict(tree_flatten(model.parameters()))
     opt = optimizer_state_arrays(optimizer) if optimizer is not None else None
-    return ckpt.save_checkpoint(directory, ckpt_type, weights, opt, meta, keep=cfg.keep)
+    try:
+        return ckpt.save_checkpoint(directory, ckpt_type, weights, opt, meta, keep=cfg.keep)
+    except OSError as e:  # a full disk, a folder made read-only meanwhile: one line, not a traceback
+        raise ckpt.CheckpointError(
+            f"{directory}: cannot save the {ckpt_type} checkpoint of step {step} ({e.strerror or e}); "
+            "the checkpoints saved before it are intact"
+        ) from None

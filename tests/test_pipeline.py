@@ -387,6 +387,25 @@ def test_a_save_dir_that_is_a_file_is_a_usage_error(tmp_path):
     assert "--save_dir" in line and (tmp_path / "notes.txt").read_text() == "mine"
 
 
+def test_a_bad_identifier_is_refused_before_the_retriever_trains(tiny_run, tmp_path):
+    """A mistyped --identifier used to surface only after the retriever stage had trained, saved and pruned."""
+    run = copy_of(tiny_run, tmp_path)
+    before = sorted(p.name for p in (run / "checkpoints").iterdir())
+    for identifier in ("zz", "abcdef123"):  # malformed; well formed, but no such generator
+        p = main_py(run, "--target", "all", "--retriever_iters", "40", "--identifier", identifier)
+        assert "generator checkpoint" in one_line_error(p) and "saved retriever" not in p.stdout
+    assert sorted(p.name for p in (run / "checkpoints").iterdir()) == before
+
+
+def test_a_checkpoint_folder_that_cannot_be_written_is_refused_before_training(tmp_path):
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "checkpoints").write_text("not a folder")
+    p = main_py(run, "--target", "retriever")
+    assert "checkpoints is not a folder this user can write to" in one_line_error(p)
+    assert "step " not in p.stdout, "refused before any training"
+
+
 def test_top_k_beyond_the_corpus_feeds_every_chunk_once(tiny_run, monkeypatch):
     """The random-chunk baseline took --top_k itself: 5,000 chunks a question (memory and time blew up), where
     retrieval stops at the corpus."""

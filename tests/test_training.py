@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import os
 import signal
+import sys
 import threading
 
 import mlx.core as mx
@@ -86,6 +87,23 @@ def test_save_state_load_or_init_round_trip_is_bit_exact(data, tmp_path):
     for k in want_opt:
         assert np.array_equal(got_opt[k], want_opt[k]), k
     assert int(got_opt["step"]) == 3
+
+
+def test_a_checkpoint_that_cannot_be_written_is_one_line_and_keeps_the_earlier_ones(data, tmp_path, monkeypatch):
+    """A full disk at a save is a CheckpointError naming the folder and step (main.py: one line, exit 2), and the
+    checkpoints saved before it stay as they were."""
+    cfg = T.TrainConfig(batch_size=8, num_iters=3, lr_warmup=1, steps_per_report=1, steps_per_eval=100)
+    model, optimizer = new_retriever_run(data, cfg)
+    first = save_retriever(data, tmp_path, model, optimizer, 1, cfg)
+
+    def full(*_args, **_kw):
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(T.ckpt, "save_checkpoint", full)
+    with pytest.raises(T.ckpt.CheckpointError, match="cannot save the retriever checkpoint of step 2 .No space left"):
+        save_retriever(data, tmp_path, model, optimizer, 2, cfg)
+    monkeypatch.undo()
+    assert load_retriever_run(data, tmp_path, cfg)[2].id == first
 
 
 class Crash(Exception):
@@ -267,15 +285,12 @@ def test_generator_training_loss_falls(data):
 # ------------------------------------------------------------------ Ctrl+C
 
 
-def interrupt_run(data, make_batch, loss_fn, on_log=lambda _m: None):
+def interrupt_run(data, make_batch, loss_fn):
     """20 steps that something interrupts; returns (saves as (step, optimizer step), log lines)."""
     cfg = T.TrainConfig(batch_size=8, num_iters=20, lr_warmup=1, steps_per_report=100, steps_per_eval=100)
     model, optimizer = new_retriever_run(data, cfg)
     saves, logs = [], []
-
-    def log(m):
-        logs.append(m)
-        on_log(m)
+    log = logs.append
 
     previous = signal.getsignal(signal.SIGINT)
     with pytest.raises(T.Stopped) as stopped:  # the run ends there: the stages after it must not start
@@ -296,7 +311,7 @@ def interrupt_run(data, make_batch, loss_fn, on_log=lambda _m: None):
     return saves, logs
 
 
-def test_sigint_from_the_training_step_stops_after_that_step_and_saves_once(data):
+def test_sigint_from_the_training_step_stops_after_that_step_and_saves_once(data, capfd):
     batches = R.ContrastiveBatches(data, data.split_indices("train", answerable=True), 8, 4, seed=0)
     calls = []
 
@@ -309,10 +324,63 @@ def test_sigint_from_the_training_step_stops_after_that_step_and_saves_once(data
     saves, logs = interrupt_run(data, batches, loss_fn)
     assert saves == [(5, 5)], "one save, after the 5th step, with the optimizer at step 5"
     assert len(calls) == 5
-    assert any("interrupt" in m for m in logs) and any("stopped at step 5" in m for m in logs)
+    assert any("stopped at step 5" in m for m in logs)
+    assert "interrupt: finishing this step" in capfd.readouterr().err
 
 
-def test_sigint_while_preparing_a_batch_stops_training_and_saves_once(data):
+def test_the_interrupt_handler_does_no_buffered_io(monkeypatch, capfd):
+    """The signal can arrive while the loop's own print is blocked writing to a paused terminal or a full pipe;
+    printing from the handler then raised "reentrant call" out of the loop, and nothing was saved."""
+
+    class Busy:
+        def write(self, _text):
+            raise RuntimeError("reentrant call inside <_io.BufferedWriter name='<stdout>'>")
+
+        flush = write
+
+    interrupt = T.GracefulInterrupt()
+    monkeypatch.setattr(sys, "stdout", Busy())
+    monkeypatch.setattr(sys, "stderr", Busy())
+    interrupt._handler(signal.SIGINT, None)  # must not raise
+    assert interrupt.requested
+    assert "interrupt: finishing this step" in capfd.readouterr().err
+
+
+def test_a_stop_between_evaluations_saves_no_old_evaluation_as_its_own(data):
+    """The checkpoint of a Ctrl+C at step 6 records step 6's training loss, not step 4's evaluation as step 6's."""
+    cfg = T.TrainConfig(batch_size=8, num_iters=20, lr_warmup=1, steps_per_report=100, steps_per_eval=4)
+    model, optimizer = new_retriever_run(data, cfg)
+    batches = R.ContrastiveBatches(data, data.split_indices("train", answerable=True), 8, 4, seed=0)
+    calls, saves = [], []
+
+    def loss_fn(model, *batch):
+        calls.append(1)
+        if len(calls) == 6:
+            os.kill(os.getpid(), signal.SIGINT)
+        return R.contrastive_loss(model, *batch)
+
+    def save(step, metrics):
+        saves.append((step, dict(metrics)))
+
+    with pytest.raises(T.Stopped):
+        T.fit(
+            model,
+            optimizer,
+            cfg,
+            loss_fn,
+            batches,
+            0,
+            lambda step: {"recall@5": step / 100},
+            save,
+            log=quiet,
+            compile=False,
+        )
+    assert [step for step, _ in saves] == [4, 6]
+    assert saves[0][1] == {"recall@5": 0.04}  # no report before step 4 (steps_per_report 100)
+    assert set(saves[1][1]) == {"train_loss"}, saves[1][1]
+
+
+def test_sigint_while_preparing_a_batch_stops_training_and_saves_once(data, monkeypatch):
     """make_batch runs one step ahead on a thread, so the signal lands during step k-1 or k: either way the loop
     stops after the step it interrupted and saves exactly that step."""
     batches = R.ContrastiveBatches(data, data.split_indices("train", answerable=True), 8, 4, seed=0)
@@ -330,11 +398,14 @@ def test_sigint_while_preparing_a_batch_stops_training_and_saves_once(data):
     def loss_fn(model, *batch):
         return R.contrastive_loss(model, *batch)
 
-    def on_log(m):
-        if "interrupt" in m:
-            handled.set()
+    handler = T.GracefulInterrupt._handler
 
-    saves, cfg_logs = interrupt_run(data, make_batch, loss_fn, on_log)
+    def noted(self, signum, frame):
+        handler(self, signum, frame)
+        handled.set()
+
+    monkeypatch.setattr(T.GracefulInterrupt, "_handler", noted)
+    saves, cfg_logs = interrupt_run(data, make_batch, loss_fn)
     assert len(saves) == 1
     step, optimizer_step = saves[0]
     assert step in (k, k + 1) and optimizer_step == step
