@@ -460,7 +460,11 @@ def save_checkpoint(
         sha1_optimizer = atomic_save_safetensors(opt_path, optimizer_state)
 
     meta = dict(metadata)
-    meta.update(id=ckpt_id, type=ckpt_type, created=time.time(), sha1_optimizer=sha1_optimizer, format=FORMAT)
+    # Checkpoints are ordered by "created": never before an earlier save's, so that a clock set back between two
+    # saves (NTP correcting a fast clock) cannot make the older one the newest, to be resumed while pruning the rest.
+    earlier = max((_order_key(m)[0] for m in list_checkpoints(directory, ckpt_type)), default=0.0)
+    created = max(time.time(), math.nextafter(earlier, math.inf))
+    meta.update(id=ckpt_id, type=ckpt_type, created=created, sha1_optimizer=sha1_optimizer, format=FORMAT)
     atomic_write_json(json_path, meta)
 
     if keep is not None:

@@ -116,6 +116,18 @@ def test_list_is_newest_first_and_types_are_separate(tmp_path):
     assert ckpt.load_checkpoint(tmp_path, "retriever").id == ids[-1]
 
 
+def test_save_order_survives_a_clock_that_jumps(tmp_path, monkeypatch):
+    """A checkpoint saved while the clock ran an hour fast (corrected by NTP afterwards) must not outrank the ones
+    saved after it, nor make pruning delete them and a resume go back to it."""
+    real = ckpt.time.time
+    monkeypatch.setattr(ckpt.time, "time", lambda: real() + 3600)
+    save(tmp_path, seed=0, step=200, keep=2)
+    monkeypatch.setattr(ckpt.time, "time", real)
+    later = [save(tmp_path, seed=s, step=s * 200, keep=2) for s in (2, 3, 4)]
+    assert [m["step"] for m in ckpt.list_checkpoints(tmp_path, "retriever")] == [800, 600]
+    assert ckpt.load_checkpoint(tmp_path, "retriever").id == later[-1]
+
+
 def test_temp_leftovers_are_ignored_and_cleaned(tmp_path):
     good = save(tmp_path, seed=0, step=1)
     newer = {"id": "f" * 40, "type": "retriever", "created": 1e12, "step": 99, "format": 1, "sha1_optimizer": None}
