@@ -160,8 +160,8 @@ def load_or_build_bm25(directory: str | Path, chunk_texts: Sequence[str], source
                 if bm25.num_chunks == len(chunk_texts):
                     return bm25
             log(f"warning: {directory} holds a BM25 index of other chunks; rebuilding")
-        except (OSError, ValueError) as e:
-            log(f"warning: {directory}: unreadable BM25 index ({e}); rebuilding")
+        except (OSError, ValueError, KeyError, TypeError) as e:  # a config missing a key: KeyError
+            log(f"warning: {directory}: unreadable BM25 index ({e!r}); rebuilding")
     tic = time.perf_counter()
     bm25 = BM25Retriever.build(chunk_texts)
     # The sidecar goes in the same swap as the index (two evaluations building at once each swap in a whole folder).

@@ -471,16 +471,21 @@ def _read_approximate(
     kind: str, path: Path, meta_path: Path, retriever_id: str, num_chunks: int, fingerprint: str | None, log
 ):
     """The cached backend at `path`, or None when absent, or (said in a warning) when its JSON is unreadable or
-    names another retriever or other chunks."""
+    names another retriever or other chunks, or the index file itself is damaged."""
     if not (path.is_file() and meta_path.is_file()):
         return None
     try:
         meta = json.loads(meta_path.read_text())
         _check_source(meta, retriever_id, num_chunks, fingerprint)
-    except ValueError as e:  # json's errors included
-        log(f"warning: {path.name}: {e}; rebuilding")
+        return _approximate_read(kind, path, meta)
+    except (ValueError, KeyError, TypeError, RuntimeError, OSError) as e:  # json's; faiss raises RuntimeError
+        log(f"warning: {path.name}: {_first_line(e)}; rebuilding")
         return None
-    return _approximate_read(kind, path, meta)
+
+
+def _first_line(e: Exception) -> str:
+    """An exception in one line (faiss's messages run over several, with a C++ stack)."""
+    return (str(e).strip().splitlines() or [type(e).__name__])[0]
 
 
 def _approximate_write(kind: str, backend, path: Path) -> None:

@@ -367,13 +367,15 @@ def _read_qa_jsonl(path: Path, doc_ids: set[str], report: ReadReport, max_questi
         raw_answers = obj.get("answers")
         raw_ids = obj.get("doc_ids", [])
         qid = obj.get("id")
+        if isinstance(qid, int) and not isinstance(qid, bool):  # "id": 17, as many datasets number their questions
+            qid = str(qid)
         why = None
         if not question:
             why = 'missing or empty "question"'
         elif not isinstance(raw_answers, list) or not all(isinstance(a, str) for a in raw_answers):
             why = '"answers" must be a list of strings'
         elif qid is not None and not (isinstance(qid, str) and qid.strip()):
-            why = '"id" must be a non-empty string'
+            why = '"id" must be a non-empty string or an integer'
         elif not isinstance(raw_ids, list) or not all(isinstance(d, str) for d in raw_ids):
             why = '"doc_ids" must be a list of strings'
         if why is not None:
@@ -410,7 +412,8 @@ def read_folder(
     none in the folders of `skip` (the run's --save_dir and --to_dir, whose reports would otherwise become documents).
 
     QA pairs come from `qa_path`, else root/qa.jsonl when present: one {"question", "answers", "id"?,
-    "doc_ids"?} object per line; ids default to "q-" + sha1(question)[:12]. No QA file is fine (empty qa).
+    "doc_ids"?} object per line; an id is a string or an integer, and defaults to "q-" + sha1(question)[:12]. No QA
+    file is fine (empty qa).
     """
     check_limit(max_questions)
     root = Path(root)

@@ -209,6 +209,17 @@ def test_every_rank_builds_the_approximate_index_when_any_rank_must(tmp_path, mo
     assert len(logs) == 2 and "faiss IVFFlat" in logs[1]
 
 
+def test_a_damaged_approximate_index_file_is_rebuilt_not_a_traceback(tmp_path):
+    pytest.importorskip("faiss")
+    emb = unit_rows(np.random.default_rng(0), 200, 16)
+    chunk_index.load_or_build_approximate(emb, tmp_path, "rid", "rid", "faiss", log=lambda _m: None)
+    (tmp_path / "rid.embedding.faiss").write_bytes(b"not a faiss index")
+    logs = []
+    index = chunk_index.load_or_build_approximate(emb, tmp_path, "rid", "rid", "faiss", log=logs.append)
+    assert "rid.embedding.faiss" in logs[0] and "rebuilding" in logs[0] and len(logs[0].splitlines()) == 1
+    assert index.search(emb[:3], 1)[1][:, 0].tolist() == [0, 1, 2]
+
+
 def assert_real_top_k(scores: np.ndarray, ids: np.ndarray, queries: np.ndarray, emb: np.ndarray, k: int) -> None:
     """Every id a real row, none repeated in a row, scores finite, the rows' inner products, best first."""
     assert ids.shape == scores.shape == (len(queries), k) and ids.dtype == np.int64

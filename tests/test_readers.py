@@ -514,6 +514,17 @@ def test_folder_qa_jsonl_bad_lines_reported_rest_read(tmp_path):
         readers.read_folder(root, qa_path=tmp_path / "missing.jsonl")
 
 
+def test_folder_qa_jsonl_takes_integer_ids_and_refuses_other_types(tmp_path):
+    root = _folder(tmp_path / "docs")
+    rows = [{"id": 17, "question": "What is alpha?", "answers": ["first"]},
+            {"id": True, "question": "What is beta?", "answers": ["second"]},
+            {"id": 1.5, "question": "What is gamma?", "answers": ["third"]}]  # fmt: skip
+    (root / "qa.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows), encoding="utf-8")
+    _, qa, report = readers.read_folder(root)
+    assert [(q.id, q.question) for q in qa] == [("17", "What is alpha?")]
+    assert report.malformed == 2 and all('"id" must be' in m for m in report.messages[-2:])
+
+
 def test_folder_qa_jsonl_lines_end_at_newline_only(tmp_path):
     """U+2028, U+0085 and form feeds are line breaks to str.splitlines(), not to JSONL: questions holding them were
     split into bad JSON, and every later line number was off."""
