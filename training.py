@@ -6,6 +6,7 @@ import dataclasses
 import math
 import os
 import signal
+import sys
 import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -103,6 +104,10 @@ class GracefulInterrupt:
 
     def _handler(self, signum, frame):
         if self.requested:
+            try:  # the lines already printed ("saved ... at step N") are not lost in a pipe's buffer
+                sys.stdout.flush()
+            except Exception:  # the same stream busy in the loop's own write: exit regardless
+                pass
             os._exit(130)
         self.requested = True
         # Straight to the file descriptor, never through Python's buffered streams: the signal can arrive while the
