@@ -184,6 +184,19 @@ def without_thread_count(model_bytes: bytes) -> bytes:
     return proto.SerializeToString()
 
 
+def kept_tokenizer(previous: Path, trained: bytes) -> bytes:
+    """The cache's tokenizer file when the one just trained is the same model but for the thread count that
+    versions before dataset format 4 recorded: its bytes, and so the sha1 that the checkpoints trained on it name,
+    stay across the rebuild. Else (no such file, another model) the new one."""
+    from google.protobuf.message import DecodeError
+
+    try:
+        old = previous.read_bytes()
+        return old if without_thread_count(old) == trained else trained
+    except (OSError, DecodeError):
+        return trained
+
+
 def load_tokenizer(path: str | Path) -> spm.SentencePieceProcessor:
     path = Path(path)
     if not path.is_file():
@@ -456,6 +469,7 @@ def build_dataset(
 
     log(f"dataset: {len(docs):,} documents, {len(qa):,} QA pairs; training a {vocab_size}-token BPE tokenizer")
     model_bytes = train_tokenizer([d.text for d in docs] + [q.question for q in qa], vocab_size, spec.seed)
+    model_bytes = kept_tokenizer(to_dir / "tokenizer.model", model_bytes)
     sp = spm.SentencePieceProcessor(model_proto=model_bytes)
 
     doc_tokens = sp.encode([d.text for d in docs], num_threads=os.cpu_count() or 1)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
 from pathlib import Path
 
@@ -244,6 +245,27 @@ def test_tokenizer_bytes_do_not_depend_on_the_number_of_cores(monkeypatch):
     assert made[0] == made[1]
     sp = spm.SentencePieceProcessor(model_proto=made[0])
     assert sp.encode("rivers and towns") and sp.get_piece_size() == 300
+
+
+def test_a_rebuild_keeps_an_earlier_versions_file_of_the_same_tokenizer(tmp_path):
+    """Caches before format 4 recorded the thread count in tokenizer.model; rebuilt (the format changed), the
+    same tokenizer keeps that file, so the checkpoints that name its sha1 still load. Another one replaces it."""
+    from sentencepiece import sentencepiece_model_pb2
+
+    ds = tmp_path / "ds"
+    build_builtin(ds)
+    proto = sentencepiece_model_pb2.ModelProto.FromString((ds / "tokenizer.model").read_bytes())
+    proto.trainer_spec.num_threads = 7  # as an earlier version wrote it on a 7-core machine
+    old = proto.SerializeToString()
+    (ds / "tokenizer.model").write_bytes(old)
+    meta = json.loads((ds / "meta.json").read_text())
+    meta["tokenizer_sha1"] = hashlib.sha1(old).hexdigest()
+    (ds / "meta.json").write_text(json.dumps(meta))
+    D.build_dataset(D.SourceSpec(corpus_size=40), ds, VOCAB, 32, force=True, log=quiet)
+    assert (ds / "tokenizer.model").read_bytes() == old
+    assert D.Dataset(ds).tokenizer_sha1 == hashlib.sha1(old).hexdigest()
+    D.build_dataset(D.SourceSpec(corpus_size=40), ds, VOCAB - 20, 32, log=quiet)
+    assert (ds / "tokenizer.model").read_bytes() != old
 
 
 def test_label_answers_hand_checked():
