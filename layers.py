@@ -87,7 +87,12 @@ def plan_packing(valid: np.ndarray, spreading: bool | None = None, granularity: 
 
     The packed length is the largest slice's real-token count rounded up to a multiple of 1/`granularity` of a
     slice's positions and shared by all slices, so a compiled step sees a handful of shapes (the generator's
-    training batches in the built-in corpus: 3, doing 82% of the padded work)."""
+    training batches in the built-in corpus: 3, doing 82% of the padded work).
+
+    None too when a row (a question and all its passages) has no real token: attention then spreads evenly over
+    its pad positions, which packing fills with copies of a packed row, so its values would differ."""
+    if len(valid) and not np.asarray(valid).reshape(len(valid), -1).any(axis=1).all():
+        return None
     flat = [np.asarray(valid[s]).reshape(-1) for s in cores.spread_row_slices(len(valid), spreading)]
     sizes = [f.size for f in flat]
     step = max(1, -(-max(sizes) // granularity))

@@ -135,6 +135,20 @@ def test_packed_generator_loss_and_gradients_equal_the_padded_ones(streams, n_st
     assert_same(loss_and_grads(gen, G.seq2seq_loss, packed), loss_and_grads(gen, G.seq2seq_loss, batch))
 
 
+def test_a_batch_with_a_question_of_no_real_token_is_not_packed(streams):
+    """Such a row's cross-attention spreads evenly over pad positions, which packing fills with copies of a packed
+    row: its loss and gradients differed (0.55 in the embeddings' gradient); the batch now runs padded."""
+    streams(2)
+    rng = np.random.default_rng(2)
+    passages, answer_in, answers = fid_batch(rng)
+    passages[1] = PAD_ID
+    assert layers.plan_packing(passages != PAD_ID, cores.spreads()) is None
+    batch = (passages, answer_in, answers)
+    assert G.with_packings(batch, cores.spreads()) == batch  # no plans appended: the padded step
+    passages[1, 0, :3] = rng.integers(4, V, size=3)  # one real token in the row: packed again
+    assert len(G.with_packings(batch, cores.spreads())) == 4
+
+
 def contrastive_batch(rng, full_questions: bool = False):
     questions = ragged(rng, 6, 9) if not full_questions else rng.integers(4, V, size=(6, 9)).astype(np.int32)
     mask = np.eye(6, 10, dtype=bool)
