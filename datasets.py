@@ -9,7 +9,8 @@ so a failed run never touches a prepared cache (and a folder holding anything el
     tokenizer.model     SentencePiece BPE model (PAD=0, UNK=1, BOS=2, EOS=3)
     documents.json      [{"id", "title"}] in chunk order
     qa.json             [{"id", "question", "answers", "split", "doc_ids"}], plus "expanded" with --expand_answers
-    chunks.npy          int32 [num_chunks, context_size], PAD-filled after each document's last token
+    chunks.npy          int32 [num_chunks, chunk_width], PAD-filled after each document's last token (chunk_width:
+                        context_size, or the longest document's tokens when no document fills a window)
     chunk_doc.npy       int32 [num_chunks]  document index of each chunk
     chunk_offset.npy    int32 [num_chunks]  token offset of the chunk inside its document
     questions.npy       int32 [num_qa, max_question_tokens]  PAD-filled
@@ -226,6 +227,8 @@ def _word_char(ch: str) -> bool:
     # U+FFFD is a character whose UTF-8 bytes (byte-fallback pieces, "<0xC3>") a boundary splits: part of a word;
     # so is a combining mark (a vowel sign or virama in Devanagari, Bengali, Tamil...; Arabic harakat), which
     # `isalnum` calls neither a letter nor a digit.
+    if not ch:  # the text of a one-piece chunk that decodes to nothing ("\u2581" alone, at --context_size 1)
+        return False
     return ch == "\ufffd" or ((ch.isalnum() or unicodedata.category(ch)[0] == "M") and not is_unspaced(ch))
 
 
@@ -477,6 +480,10 @@ def build_dataset(
     if not docs:
         raise DatasetError(f"--data {spec.data}: no document has any tokens")
     chunks, chunk_doc, chunk_offset = chunk_documents(doc_tokens, context_size)
+    longest = max(len(t) for t in doc_tokens)
+    if longest < context_size:  # no document fills a window: its columns beyond the longest are PAD in every chunk
+        chunks = chunks[:, :longest]  # and every model would attend over them (--context_size 5000 ran out of RAM)
+        log(f"dataset: no document is longer than {longest} tokens; its chunks are stored {longest} wide")
     chunk_texts = whole_word_texts(sp, chunks, chunk_doc)
     doc_index = {d.id: i for i, d in enumerate(docs)}
 
@@ -508,6 +515,7 @@ def build_dataset(
         "source": vars(spec),
         "vocab_size": sp.get_piece_size(),
         "context_size": context_size,
+        "chunk_width": int(chunks.shape[1]),  # the context size, or the longest document when none fills a window
         "special_ids": {"pad": PAD_ID, "unk": UNK_ID, "bos": BOS_ID, "eos": EOS_ID},
         "tokenizer_sha1": hashlib.sha1(model_bytes).hexdigest(),
         "num_documents": len(docs),
@@ -532,9 +540,8 @@ def build_dataset(
         "pos_chunks": pos_chunks,
     }
     _write_cache(to_dir, meta, model_bytes, docs, qa, splits, arrays, expanded, expansions)
-    log(
-        f"dataset: {meta['num_chunks']:,} chunks of {context_size} tokens, splits {meta['splits']}, written to {to_dir}"
-    )
+    width, splits_count = chunks.shape[1], meta["splits"]
+    log(f"dataset: {meta['num_chunks']:,} chunks of {width} tokens, splits {splits_count}, written to {to_dir}")
     return to_dir
 
 
@@ -598,7 +605,7 @@ def _open_cache(path: Path) -> tuple[dict, list, list, dict[str, np.ndarray]]:
     arrays = {name: np.load(path / f"{name}.npy", mmap_mode="r", allow_pickle=False) for name in ARRAYS}
     n_chunks, n_qa = meta["num_chunks"], meta["num_qa"]
     shapes = {
-        "chunks": (n_chunks, meta["context_size"]),
+        "chunks": (n_chunks, meta.get("chunk_width", meta["context_size"])),
         "chunk_doc": (n_chunks,),
         "chunk_offset": (n_chunks,),
         "questions": (n_qa, meta["question_tokens"]),
@@ -612,6 +619,16 @@ def _open_cache(path: Path) -> tuple[dict, list, list, dict[str, np.ndarray]]:
         raise ValueError("pos_chunks.npy does not match pos_offsets.npy")
     if (len(documents), len(qa)) != (meta["num_documents"], n_qa):
         raise ValueError("documents.json or qa.json does not match meta.json")
+    # Damaged contents (bytes overwritten, not the file cut short): token ids and indexes out of range. One pass
+    # over each array, ~0.1 s for a million chunks.
+    limits = {"chunks": meta["vocab_size"], "questions": meta["vocab_size"], "answers": meta["vocab_size"],
+              "chunk_doc": meta["num_documents"], "pos_chunks": n_chunks}  # fmt: skip
+    for name, end in limits.items():
+        a = arrays[name]
+        if a.size and not (0 <= a.min() and a.max() < end):
+            raise ValueError(f"{name}.npy holds values outside [0, {end})")
+    if arrays["pos_offsets"][0] != 0 or (np.diff(arrays["pos_offsets"]) < 0).any():
+        raise ValueError("pos_offsets.npy is not an increasing list of offsets")
     return meta, documents, qa, arrays
 
 

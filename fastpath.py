@@ -320,18 +320,19 @@ def _c_compiler() -> str | None:
 def build_gemv_forward(env: Mapping[str, str] = os.environ, cache_dir: Path | None = None) -> str | None:
     """Path of `gemv_forward.c` compiled into a shared library, built once per source in the first private folder
     of _cache_dirs (or `cache_dir`); None without a C compiler (cc, gcc or g++) or a private folder, or when the
-    build fails. A library found there is reused only when this user owns it and no other can write to it."""
-    compiler = _c_compiler()
-    if compiler is None or not GEMV_FORWARD_SOURCE.is_file():
+    build fails. A library found there is reused only when this user owns it and no other can write to it; reusing
+    one needs no compiler."""
+    if not GEMV_FORWARD_SOURCE.is_file():
         return None
     source = GEMV_FORWARD_SOURCE.read_bytes()
     name = f"libragmlx_gemv_forward-{hashlib.sha1(source + platform.machine().encode()).hexdigest()[:12]}.so"
-    for folder in (cache_dir,) if cache_dir else _cache_dirs(env):
-        if not _private_folder(folder):
-            continue
+    folders = [f for f in ((cache_dir,) if cache_dir else _cache_dirs(env)) if _private_folder(f)]
+    built = next((str(f / name) for f in folders if _is_private(f / name, stat.S_ISREG)), None)
+    compiler = _c_compiler()
+    if built is not None or compiler is None:
+        return built
+    for folder in folders:
         target = folder / name
-        if _is_private(target, stat.S_ISREG):
-            return str(target)
         try:
             partial = folder / f"{name}.{os.getpid()}.tmp"
             command = [compiler, "-x", "c", "-O2", "-shared", "-fPIC", "-o", str(partial), str(GEMV_FORWARD_SOURCE)]

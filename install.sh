@@ -8,7 +8,9 @@ set -euo pipefail
 cd "$(dirname "$0")"
 if [ "$(uname -s)" = "Linux" ]; then
   missing=()
-  ldconfig -p 2>/dev/null | grep -q "libopenblas.so.0" || missing+=(libopenblas0-pthread)
+  # grep reads all of ldconfig's output: `grep -q` stops at the first match, and under pipefail ldconfig's SIGPIPE
+  # would fail the test on a machine with a long library list
+  ldconfig -p 2>/dev/null | grep -F "libopenblas.so.0" >/dev/null || missing+=(libopenblas0-pthread)
   command -v g++ >/dev/null 2>&1 || missing+=(g++)
   if [ "${#missing[@]}" -gt 0 ]; then
     if command -v apt-get >/dev/null 2>&1; then

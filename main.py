@@ -209,6 +209,10 @@ def main(argv: list[str] | None = None, fast_blas: bool = False) -> int:
     except pipeline.USER_ERRORS as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
+    except OSError as e:  # the file system refused (a full disk, permissions, a file where a folder should be)
+        where = f"{e.filename}: " if e.filename else ""
+        print(f"error: {where}{e.strerror or e}", file=sys.stderr)
+        return 2
     except pipeline.training.Stopped:  # a Ctrl+C in a training loop, which saved its last step and said so
         return 130
     except KeyboardInterrupt:  # anywhere else

@@ -286,6 +286,19 @@ class StageClock:
         return f"done in {self.last - self.start:.0f}s ({stages})"
 
 
+def unwritable(path: Path) -> str | None:
+    """Why this user could not make or write files in the folder `path` (its nearest existing ancestor decides
+    when it does not exist yet), or None."""
+    existing = path
+    while not existing.exists() and existing.parent != existing:
+        existing = existing.parent
+    if not existing.is_dir():
+        return f"{existing} is not a folder"
+    if not os.access(existing, os.W_OK | os.X_OK):
+        return f"{existing} is not a folder this user can write to"
+    return None
+
+
 def check_flags(args: argparse.Namespace) -> None:
     """Flags that argparse cannot check alone, before any work: a one-line UsageError naming the flag."""
     if args.inference and args.target not in ("retriever", "all"):
@@ -293,10 +306,18 @@ def check_flags(args: argparse.Namespace) -> None:
     save_dir = Path(args.save_dir)
     if save_dir.exists() and not save_dir.is_dir():
         raise training.UsageError(f"--save_dir {save_dir}: exists and is not a folder")
-    training_runs = args.target in ("retriever", "all") and not args.inference  # reading needs no write access
-    for folder in (save_dir, checkpoint_dir(args)) if training_runs else ():  # now, not at the first save
-        if folder.exists() and not (folder.is_dir() and os.access(folder, os.W_OK | os.X_OK)):
-            raise training.UsageError(f"--save_dir {save_dir}: {folder} is not a folder this user can write to")
+    # Found now, not after the corpus is read or a model trained. --inference only reads what is there.
+    if not args.inference and args.target in ("dataset", "retriever", "all", "eval"):
+        to_dir = Path(args.to_dir) if args.to_dir else None
+        folders = [("--to_dir", to_dir, to_dir) if to_dir else ("--save_dir", save_dir, save_dir / "dataset")]
+        if args.target in ("retriever", "all"):
+            folders.append(("--save_dir", save_dir, checkpoint_dir(args)))
+        if args.target == "eval":
+            folders.append(("--save_dir", save_dir, save_dir / "eval"))
+        for flag, given, folder in folders:
+            problem = unwritable(folder)
+            if problem:
+                raise training.UsageError(f"{flag} {given}: {problem}")
     if args.top_k <= 0:
         raise training.UsageError(f"--top_k must be positive, got {args.top_k}")
     if getattr(args, "eval_chunks", 1) <= 0:
@@ -314,9 +335,11 @@ def check_flags(args: argparse.Namespace) -> None:
         raise training.UsageError(
             f"--new_model starts a fresh generator; it cannot also resume --identifier {args.identifier}"
         )
+    # The checkpoints and index named now, not after the retriever stage has trained, saved and pruned.
     if args.identifier is not None and args.target == "all":
-        # the generator's checkpoint named now, not after the retriever stage has trained, saved and pruned
         checkpoint.resolve_id(checkpoint_dir(args), "generator", args.identifier)
+    if getattr(args, "embedding_identifier", None) and args.target in ("retriever", "all"):
+        checkpoint.resolve_id(checkpoint_dir(args), "embedding", args.embedding_identifier, "--embedding_identifier")
     for flag in ("retriever_iters", "num_iters"):  # the training config calls both "num_iters"
         if getattr(args, flag) is not None and getattr(args, flag) <= 0:
             raise training.UsageError(f"--{flag} must be positive, got {getattr(args, flag)}")

@@ -268,6 +268,18 @@ def test_a_rebuild_keeps_an_earlier_versions_file_of_the_same_tokenizer(tmp_path
     assert (ds / "tokenizer.model").read_bytes() != old
 
 
+def test_a_context_longer_than_every_document_stores_chunks_as_wide_as_the_longest(tmp_path):
+    """--context_size 5000 on short documents padded every chunk to 5000 tokens, which every model then attended
+    over (out of memory); the columns past the longest document, PAD in every chunk, are not stored."""
+    wide = build_builtin(tmp_path / "wide", corpus_size=20, context_size=5000)
+    longest = int((np.asarray(wide.chunks) != D.PAD_ID).sum(1).max())
+    assert wide.chunks.shape == (wide.meta["num_documents"], longest) and longest < 5000
+    assert wide.meta["context_size"] == 5000 and wide.meta["chunk_width"] == longest
+    exact = build_builtin(tmp_path / "exact", corpus_size=20, context_size=longest)
+    np.testing.assert_array_equal(wide.chunks, exact.chunks)
+    assert [wide.positives(i).tolist() for i in range(3)] == [exact.positives(i).tolist() for i in range(3)]
+
+
 def test_label_answers_hand_checked():
     chunk_texts, chunk_doc, doc_index = hand_chunks()
     qa = [
@@ -548,6 +560,14 @@ def test_symlinked_to_dir_stays_a_link(tmp_path):
     assert sorted(p.name for p in tmp_path.iterdir()) == ["link", "real"]
 
 
+def overwrite_middle(path: Path) -> None:
+    """40 bytes of 0xFF in the middle of an .npy file's data: its shape still reads, its values do not."""
+    data = bytearray(path.read_bytes())
+    middle = 128 + (len(data) - 128) // 2
+    data[middle : middle + 40] = b"\xff" * 40
+    path.write_bytes(bytes(data))
+
+
 @pytest.mark.parametrize(
     "damage",
     [
@@ -555,9 +575,12 @@ def test_symlinked_to_dir_stays_a_link(tmp_path):
         lambda to: (to / "tokenizer.model").unlink(),
         lambda to: (to / "answers.npy").write_bytes((to / "answers.npy").read_bytes()[:-8]),
         lambda to: (to / "qa.json").write_text("[]"),
+        lambda to: overwrite_middle(to / "questions.npy"),
+        lambda to: overwrite_middle(to / "pos_offsets.npy"),
     ],
-    ids=["chunks-missing", "tokenizer-missing", "answers-truncated", "qa-emptied"],
-)
+    ids=["chunks-missing", "tokenizer-missing", "answers-truncated", "qa-emptied", "questions-overwritten",
+         "offsets-overwritten"],
+)  # fmt: skip
 def test_damaged_cache_is_rebuilt_not_reused(tmp_path, damage):
     """A cache with a file missing or damaged is rebuilt with a note; it used to be "up to date", then fail to load
     with advice to run the very build that had called it up to date."""

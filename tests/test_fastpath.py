@@ -224,6 +224,7 @@ def test_gemv_forwarder_builds_once_and_needs_a_compiler(tmp_path, monkeypatch):
     monkeypatch.setattr(fastpath.subprocess, "run", no_compiling)
     assert fastpath.build_gemv_forward(cache_dir=tmp_path) == first
     monkeypatch.setattr(fastpath.shutil, "which", lambda name: None)
+    assert fastpath.build_gemv_forward(cache_dir=tmp_path) == first, "a built library needs no compiler to reuse"
     assert fastpath.build_gemv_forward(cache_dir=tmp_path / "other") is None
 
 

@@ -402,8 +402,42 @@ def test_a_checkpoint_folder_that_cannot_be_written_is_refused_before_training(t
     run.mkdir()
     (run / "checkpoints").write_text("not a folder")
     p = main_py(run, "--target", "retriever")
-    assert "checkpoints is not a folder this user can write to" in one_line_error(p)
+    assert "checkpoints is not a folder" in one_line_error(p)
     assert "step " not in p.stdout, "refused before any training"
+
+
+@pytest.mark.parametrize("target", ["dataset", "eval"])
+def test_a_save_dir_below_a_file_is_refused_before_any_work(tmp_path, target):
+    (tmp_path / "afile").write_text("mine")
+    line = one_line_error(main_py(tmp_path / "afile" / "run", "--target", target))
+    assert line.startswith(f"error: --save_dir {tmp_path / 'afile' / 'run'}: ") and "is not a folder" in line
+    line = one_line_error(main_py(tmp_path / "run", "--target", "dataset", "--to_dir", str(tmp_path / "afile" / "x")))
+    assert "--to_dir" in line and (tmp_path / "afile").read_text() == "mine"
+
+
+def test_a_file_system_error_is_one_line(monkeypatch, capsys):
+    """What the early checks cannot foresee (a disk that fills up) ends as `error: <file>: <reason>`, exit 2."""
+    import main
+    import pipeline
+
+    def full(args):
+        raise OSError(28, "No space left on device", "runs/x/dataset/.tmp-chunks.npy")
+
+    monkeypatch.setattr(pipeline, "run", full)
+    assert main.main(["--target", "dataset"]) == 2
+    assert capsys.readouterr().err == "error: runs/x/dataset/.tmp-chunks.npy: No space left on device\n"
+
+
+def test_a_bad_embedding_identifier_is_refused_before_the_retriever_trains(tiny_run, tmp_path):
+    run = copy_of(tiny_run, tmp_path)
+    p = main_py(run, "--target", "retriever", "--retriever_iters", "30", "--embedding_identifier", "deadbeef")
+    assert "--embedding_identifier 'deadbeef': not found" in one_line_error(p) and "saved retriever" not in p.stdout
+
+
+def test_chunks_of_one_token_build(tmp_path):
+    """A chunk whose one piece decodes to nothing ("\u2581") made the word-boundary check crash."""
+    ok(main_py(tmp_path / "run", "--target", "dataset", "--corpus_size", "20", "--context_size", "1"))
+    assert D.Dataset(tmp_path / "run" / "dataset").chunks.shape[1] == 1
 
 
 def test_top_k_beyond_the_corpus_feeds_every_chunk_once(tiny_run, monkeypatch):
