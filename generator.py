@@ -398,6 +398,8 @@ def train(
         log,
     )
     cfg = T.TrainConfig.merged(found.metadata.get("train") if found else None, train_overrides, train_defaults)
+    if note := T.seed_change(found, cfg):
+        log(note)
     train_ids = data.split_indices("train")
     valid_ids = data.split_indices("valid")[:eval_questions]
     if len(train_ids) == 0:

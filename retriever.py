@@ -214,6 +214,8 @@ def train(
     if model.args.vocab_size != data.vocab_size:
         raise T.UsageError(f"retriever vocab_size {model.args.vocab_size} != tokenizer's {data.vocab_size}")
     cfg = T.TrainConfig.merged(found.metadata.get("train") if found else None, train_overrides, train_defaults)
+    if note := T.seed_change(found, cfg):
+        log(note)
     train_ids = data.split_indices("train", answerable=True)
     valid_ids = data.split_indices("valid", answerable=True)[:eval_questions]
     if len(train_ids) == 0:

@@ -61,6 +61,18 @@ class TrainConfig:
         return cls(**values)
 
 
+def seed_change(found, cfg: TrainConfig) -> str | None:
+    """A warning when a resumed checkpoint was trained with another --seed than this run's (which decides the
+    batches from here on), else None."""
+    saved = (found.metadata.get("train") or {}).get("seed") if found is not None else None
+    if saved is None or saved == cfg.seed:
+        return None
+    return (
+        f"warning: checkpoint {found.id[:12]} was trained with --seed {saved} and resumes with --seed {cfg.seed}: "
+        f"its batches from here on are not that run's (pass --seed {saved} to continue them)"
+    )
+
+
 def make_optimizer(cfg: TrainConfig) -> optim.Optimizer:
     """AdamW with linear warm-up then cosine decay to 10%; the schedule is a function of the optimizer's own
     step counter, which is saved in its state, so a resumed run continues on the same curve."""

@@ -183,6 +183,7 @@ def test_second_retriever_run_resumes(tiny_run, tmp_path):
     last = checkpoints(run, "retriever")[-1]
     out = ok(main_py(run, "--target", "retriever", "--retriever_iters", "30"))
     assert f"resuming from {last['id'][:12]} (step 20)" in out
+    assert "trained with --seed" not in out, "the same seed: no warning"
     assert "step     30/30" in out
     assert "eval       0" not in out, "a resumed run does not start over at step 0"
     newest = checkpoints(run, "retriever")[-1]

@@ -106,6 +106,17 @@ def test_a_checkpoint_that_cannot_be_written_is_one_line_and_keeps_the_earlier_o
     assert load_retriever_run(data, tmp_path, cfg)[2].id == first
 
 
+def test_resuming_with_another_seed_says_the_batches_differ(data, tmp_path):
+    cfg = T.TrainConfig(batch_size=8, num_iters=3, lr_warmup=1, steps_per_report=1, steps_per_eval=100, seed=3)
+    model, optimizer = new_retriever_run(data, cfg)
+    save_retriever(data, tmp_path, model, optimizer, 3, cfg)
+    found = load_retriever_run(data, tmp_path, cfg)[2]
+    assert T.seed_change(found, cfg) is None
+    other = T.TrainConfig.merged(found.metadata["train"], {"seed": 0})
+    assert "trained with --seed 3 and resumes with --seed 0" in T.seed_change(found, other)
+    assert T.seed_change(None, other) is None  # a fresh start
+
+
 class Crash(Exception):
     """Stands for the process dying right after a checkpoint was written."""
 
