@@ -318,6 +318,11 @@ def check_flags(args: argparse.Namespace) -> None:
             problem = unwritable(folder)
             if problem:
                 raise training.UsageError(f"{flag} {given}: {problem}")
+    if getattr(args, "data", "builtin") == "builtin":  # the generated corpus reads nothing: say so, not ignore it
+        for flag in ("from_dir", "max_questions"):
+            if getattr(args, flag, None) is not None:
+                raise training.UsageError(f"--{flag} is for real data (--data triviaqa, squad, folder...); "
+                                          "the built-in corpus is generated (--corpus_size sets its size)")  # fmt: skip
     if args.top_k <= 0:
         raise training.UsageError(f"--top_k must be positive, got {args.top_k}")
     if getattr(args, "eval_chunks", 1) <= 0:

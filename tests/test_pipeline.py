@@ -375,6 +375,8 @@ def test_a_flag_argparse_rejects_is_one_line(tmp_path, flags, flag):
         (["--target", "retriever", "--weight_decay", "-1"], "--weight_decay"),
         (["--target", "retriever", "--retriever_iters", "0"], "--retriever_iters"),
         (["--target", "dataset", "--seed", str(2**64)], "--seed"),
+        (["--target", "dataset", "--from_dir", "docs"], "--from_dir is for real data"),  # builtin: it was ignored
+        (["--target", "dataset", "--max_questions", "10"], "--max_questions is for real data"),
     ],
 )
 def test_flags_that_would_be_ignored_or_train_nan_are_usage_errors(tmp_path, flags, flag):
