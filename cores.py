@@ -90,9 +90,9 @@ def set_compile_mode(mode: int) -> bool:
 @functools.cache  # once per process
 def keep_streams_apart_in_compile() -> bool:
     """Compile without MLX's graph simplification, so that constants stay on each stream's own kernels (see the
-    module's docstring). Skipped when MLX_DISABLE_COMPILE is set (compiling must stay off); returns whether the
-    mode was set."""
-    return not os.environ.get("MLX_DISABLE_COMPILE") and set_compile_mode(NO_SIMPLIFY)
+    module's docstring). Skipped when MLX_DISABLE_COMPILE is set, to any value, as MLX reads it (compiling must
+    stay off); returns whether the mode was set."""
+    return "MLX_DISABLE_COMPILE" not in os.environ and set_compile_mode(NO_SIMPLIFY)
 
 
 def count() -> int:

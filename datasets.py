@@ -334,13 +334,24 @@ def read_expansions(to_dir: Path, log=print) -> dict[str, dict[str, dict]]:
     return {m: e for m, e in models.items() if isinstance(e, dict)} if isinstance(models, dict) else {}
 
 
+def expander_key(model_name: str) -> str:
+    """The expansion cache's key for a model: a hub id as given; a local folder with its files' signature, so that
+    new weights written into the same folder are not answered with the old model's sentences."""
+    if Path(model_name).is_dir():
+        return f"{model_name}@{source_files_signature(model_name)[:12]}"
+    return model_name
+
+
 def expand_qa(model_name: str | None, qa: list[QAPair], to_dir: Path, log=print) -> tuple[list[str] | None, dict]:
     """Each question's canonical answer as a sentence by `model_name` (None: no expansion), reusing the cache in
     `to_dir` for questions whose id, text and answer are unchanged. Returns (sentences or None, updated cache)."""
     cache = read_expansions(to_dir, log)
     if model_name is None:
         return None, cache  # an existing cache is carried over, for a later --expand_answers
-    entries = dict(cache.get(model_name, {}))
+    key = expander_key(model_name)
+    for stale in [k for k in cache if k.startswith(f"{model_name}@") and k != key]:
+        del cache[stale]  # the same folder's earlier weights: gone from disk, their sentences with them
+    entries = dict(cache.get(key, {}))
 
     def cached(q: QAPair) -> str | None:
         e = entries.get(q.id)
@@ -362,7 +373,7 @@ def expand_qa(model_name: str | None, qa: list[QAPair], to_dir: Path, log=print)
         for i, sentence in zip(todo, sentences):
             out[i] = sentence
             entries[qa[i].id] = {"question": qa[i].question, "answer": qa[i].answers[0], "expanded": sentence}
-    cache[model_name] = entries
+    cache[key] = entries
     return out, cache
 
 

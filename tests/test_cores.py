@@ -277,6 +277,15 @@ def test_training_with_spread_steps_follows_the_unspread_run(streams, tmp_path):
     np.testing.assert_allclose(losses[2], losses[1], rtol=1e-3)
 
 
+@pytest.mark.parametrize("value", ["", "0", "1"])
+def test_mlx_disable_compile_set_to_anything_keeps_compiling_off(monkeypatch, value):
+    """MLX turns compiling off when the variable exists, whatever its value; setting the compile mode would turn it
+    back on (an empty value passed for unset)."""
+    monkeypatch.setenv("MLX_DISABLE_COMPILE", value)
+    monkeypatch.setattr(cores, "set_compile_mode", lambda mode: pytest.fail("compiling turned back on"))
+    assert cores.keep_streams_apart_in_compile.__wrapped__() is False
+
+
 _KERNELS_SCRIPT = """
 import sys
 import mlx.core as mx
