@@ -10,9 +10,11 @@ Output depends only on (num_documents, seed): one local `random.Random`, no str 
 
 from __future__ import annotations
 
+import bisect
 import random
 from dataclasses import dataclass, field
 
+from metrics import normalize_answer
 from records import Document, QAPair
 
 # Share of documents per kind; the order is also the order of documents in the output.
@@ -32,7 +34,11 @@ ORG_KINDS = ("company", "guild", "order")
 WORK_KINDS = ("book", "opera", "painting")
 MIN_WORDS = 30
 # Bump whenever the output for a given (num_documents, seed) changes, so caches keyed on it are rebuilt.
-VERSION = 2  # 2: a teacher is alive when the pupil is 15 (a third of them had died before)
+# 2: a teacher is alive when the pupil is 15 (a third of them had died before).
+# 3: births, organisations and works come after the founding of their town; no two titles are equal once normalised
+#    ("The Scarlet Chalice" and "Scarlet Chalice"); a person's other organisations and works of the asked kind are
+#    accepted answers too; guilds and orders keep their kind's name when the titles run out.
+VERSION = 3
 # Generation takes ~0.16 ms a document and invents names from a finite stock of syllables, which a corpus far
 # larger would exhaust (the namer would then search forever): 200,000 documents took 32 s on machine A.
 MAX_DOCUMENTS = 200_000
@@ -370,7 +376,7 @@ class _Namer:
     def __init__(self, rng: random.Random) -> None:
         self.rng = rng
         self.used: set[str] = set()  # membership only; never iterated, so its order cannot leak
-        self.titles: set[str] = set()
+        self.titles: set[str] = set()  # normalised: "The Scarlet Chalice" and "Scarlet Chalice" are one answer
 
     def _syllables(self, count: int, ending: str) -> str:
         rng = self.rng
@@ -397,14 +403,15 @@ class _Namer:
                 self.used.add(word)
                 return word
 
-    def phrase(self, makers: tuple) -> str:
-        """A new title from a random one of `makers` ("The Quiet Lantern"); falls back to an invented word."""
+    def phrase(self, makers: tuple, fallback=None) -> str:
+        """A new title from a random one of `makers` ("The Quiet Lantern"), new once normalised; when they run out,
+        `fallback` (a function of an invented word; default "The <word>")."""
         for _ in range(50):
             text = self.rng.choice(makers)()
-            if text not in self.titles:
-                self.titles.add(text)
+            if normalize_answer(text) not in self.titles:
+                self.titles.add(normalize_answer(text))
                 return text
-        return f"The {self.root()}"
+        return (fallback or (lambda word: f"The {word}"))(self.root())
 
 
 def _allocate(num_documents: int) -> list[str]:
@@ -448,13 +455,13 @@ def _make_entity(kind: str, index: int, namer: _Namer) -> _Entity:
         return _Entity(kind, eid, name, mention, [name])
     if kind == "guild":
         if rng.random() < 0.5:
-            name = namer.phrase((lambda: f"Guild of the {adj()} {noun()}",))
+            name = namer.phrase((lambda: f"Guild of the {adj()} {noun()}",), lambda word: f"{word} Guild")
         else:
             name = f"{namer.root(TOWN_ENDINGS)} Guild"
         return _Entity(kind, eid, name, f"the {name}", [name])
     if kind == "order":
         if rng.random() < 0.6:
-            name = namer.phrase((lambda: f"Order of the {adj()} {noun()}",))
+            name = namer.phrase((lambda: f"Order of the {adj()} {noun()}",), lambda word: f"Order of Saint {word}")
         else:
             name = f"Order of Saint {namer.root(GIVEN_ENDINGS)}"
         return _Entity(kind, eid, name, f"the {name}", [name])
@@ -486,18 +493,6 @@ def _assign_facts(entities: list[_Entity], namer: _Namer) -> None:
     regions = [namer.root(REGION_ENDINGS, (1, 2)) for _ in range(max(3, len(entities) // 60))]
     seas = [f"{namer.root(('',), (2,))} Sea" for _ in range(max(2, len(entities) // 250))]
 
-    for p in persons:
-        birth = rng.randint(1100, 1890)
-        p.facts.update(occupation=rng.choice(OCCUPATIONS), birth_year=birth, death_year=birth + rng.randint(30, 95))
-        if towns:
-            p.facts["birthplace"] = rng.choice(towns)
-    for p in persons:  # teachers are older persons still alive in the pupil's youth, found by a few random tries
-        for _ in range(8):
-            t = rng.choice(persons)
-            gap = p.facts["birth_year"] - t.facts["birth_year"]
-            if 15 <= gap <= 70 and t.facts["death_year"] >= p.facts["birth_year"] + 15:
-                p.facts["teacher"] = t
-                break
     for t in towns:
         t.facts.update(town_region=rng.choice(regions), town_founded=rng.randint(700, 1850))
         if rivers:
@@ -506,6 +501,25 @@ def _assign_facts(entities: list[_Entity], namer: _Namer) -> None:
         t.facts["population"] = f"{round(300 * 800 ** rng.random(), -1):,.0f}"
         if mountains and rng.random() < 0.6:
             t.facts["mountain"] = rng.choice(mountains)
+    by_founding = sorted(towns, key=lambda t: t.facts["town_founded"])
+    foundings = [t.facts["town_founded"] for t in by_founding]
+
+    def town_by(year: int) -> _Entity | None:
+        """A town founded by `year` (None if there is none yet): births, organisations and works agree in time."""
+        return _pick(rng, by_founding[: bisect.bisect_right(foundings, year)])
+
+    for p in persons:
+        birth = rng.randint(1100, 1890)
+        p.facts.update(occupation=rng.choice(OCCUPATIONS), birth_year=birth, death_year=birth + rng.randint(30, 95))
+        if (town := town_by(birth)) is not None:
+            p.facts["birthplace"] = town
+    for p in persons:  # teachers are older persons still alive in the pupil's youth, found by a few random tries
+        for _ in range(8):
+            t = rng.choice(persons)
+            gap = p.facts["birth_year"] - t.facts["birth_year"]
+            if 15 <= gap <= 70 and t.facts["death_year"] >= p.facts["birth_year"] + 15:
+                p.facts["teacher"] = t
+                break
     for r in rivers:
         r.facts.update(river_region=rng.choice(regions), length=f"{rng.randint(20, 2400):,} kilometres")
         if mountains:
@@ -527,11 +541,12 @@ def _assign_facts(entities: list[_Entity], namer: _Namer) -> None:
                 o.facts["founder"] = founder
                 b, d = founder.facts["birth_year"], founder.facts["death_year"]
                 o.facts["org_founded"] = rng.randint(b + 20, d - 1)
-                founder.facts.setdefault("founded", o)
+                founder.facts.setdefault("founded", o)  # the one the person's article states
+                founder.facts.setdefault("all_founded", []).append(o)  # every one is a right answer
             else:
                 o.facts["org_founded"] = rng.randint(1100, 1950)
-            if towns:
-                o.facts["headquarters"] = rng.choice(towns)
+            if (town := town_by(o.facts["org_founded"])) is not None:
+                o.facts["headquarters"] = town
     for kind in WORK_KINDS:
         for w in by_kind[kind]:
             w.facts["genre"] = rng.choice(GENRES[kind])
@@ -540,10 +555,11 @@ def _assign_facts(entities: list[_Entity], namer: _Namer) -> None:
                 w.facts["creator"] = creator
                 w.facts["work_year"] = rng.randint(creator.facts["birth_year"] + 16, creator.facts["death_year"])
                 creator.facts.setdefault("created", w)
+                creator.facts.setdefault("all_created", []).append(w)
             else:
                 w.facts["work_year"] = rng.randint(1100, 1950)
-            if towns:
-                w.facts["depicts" if kind == "painting" else "setting"] = rng.choice(towns)
+            if (town := town_by(w.facts["work_year"])) is not None:
+                w.facts["depicts" if kind == "painting" else "setting"] = town
 
 
 def _answer(value) -> tuple[str, str, list[str]]:
@@ -606,6 +622,9 @@ def _write(entity: _Entity, rng: random.Random) -> tuple[Document, list[QAPair]]
     for i, key in enumerate(keys):
         value = entity.facts[key]
         a, m, aliases = _answer(value)
+        if key in ("founded", "created"):  # any organisation X founded is right; any book of X's for "Which book"
+            others = [o for o in entity.facts[f"all_{key}"] if key == "founded" or o.kind == value.kind]
+            aliases += [n for o in others for n in o.aliases if n not in aliases]
         slots = dict(S=subject(i == 0), a=a, aa=_article(a), m=m, **kind_slots)
         if key == "created":  # the person's work: verbs come from the work's kind
             v, vp, _, _ = WORK_VERBS[value.kind]
