@@ -76,6 +76,19 @@ def fsync_dir(directory: Path) -> None:
         os.close(fd)
 
 
+def unwritable(path: str | Path) -> str | None:
+    """Why this user could not make or write files in the folder `path` (its nearest existing ancestor decides
+    when it does not exist yet), or None."""
+    existing = Path(path)
+    while not existing.exists() and existing.parent != existing:
+        existing = existing.parent
+    if not existing.is_dir():
+        return f"{existing} is not a folder"
+    if not os.access(existing, os.W_OK | os.X_OK):
+        return f"{existing} is not a folder this user can write to"
+    return None
+
+
 def _ensure_dir(directory: Path) -> None:
     if not directory.is_dir():
         directory.mkdir(parents=True, exist_ok=True)

@@ -178,7 +178,12 @@ def without_thread_count(model_bytes: bytes) -> bytes:
     """A trained SentencePiece model with the trainer's thread count cleared from its recorded settings. It does not
     change a piece, but it changed the file's bytes, and so the tokenizer's sha1 that checkpoints are keyed on, from
     one machine to another with a different number of cores."""
-    from sentencepiece import sentencepiece_model_pb2
+    try:
+        from sentencepiece import sentencepiece_model_pb2
+    except ImportError as e:  # an environment from before protobuf was a requirement
+        raise DatasetError(
+            f"the tokenizer's model file needs protobuf ({e}): pip install -r requirements.txt"
+        ) from None
 
     proto = sentencepiece_model_pb2.ModelProto.FromString(model_bytes)
     proto.trainer_spec.ClearField("num_threads")
@@ -471,6 +476,9 @@ def build_dataset(
     if not force and _up_to_date(to_dir, fp, log):
         log(f"dataset: {to_dir} is up to date")
         return to_dir
+    problem = ckpt.unwritable(to_dir)
+    if problem:  # a cache that is up to date is only read (a shared, read-only one works); a build must write
+        raise DatasetError(f"dataset folder {to_dir}: {problem}")
     _check_replaceable(to_dir)  # before reading the corpus, so a refusal comes at once
     docs, qa = read_corpus(spec, log, skip)
     docs = [d for d in docs if d.text.strip()]

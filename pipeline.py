@@ -286,19 +286,6 @@ class StageClock:
         return f"done in {self.last - self.start:.0f}s ({stages})"
 
 
-def unwritable(path: Path) -> str | None:
-    """Why this user could not make or write files in the folder `path` (its nearest existing ancestor decides
-    when it does not exist yet), or None."""
-    existing = path
-    while not existing.exists() and existing.parent != existing:
-        existing = existing.parent
-    if not existing.is_dir():
-        return f"{existing} is not a folder"
-    if not os.access(existing, os.W_OK | os.X_OK):
-        return f"{existing} is not a folder this user can write to"
-    return None
-
-
 def check_flags(args: argparse.Namespace) -> None:
     """Flags that argparse cannot check alone, before any work: a one-line UsageError naming the flag."""
     if args.inference and args.target not in ("retriever", "all"):
@@ -308,14 +295,14 @@ def check_flags(args: argparse.Namespace) -> None:
         raise training.UsageError(f"--save_dir {save_dir}: exists and is not a folder")
     # Found now, not after the corpus is read or a model trained. --inference only reads what is there.
     if not args.inference and args.target in ("dataset", "retriever", "all", "eval"):
-        to_dir = Path(args.to_dir) if args.to_dir else None
-        folders = [("--to_dir", to_dir, to_dir) if to_dir else ("--save_dir", save_dir, save_dir / "dataset")]
+        # (the dataset's folder only when it must be built: datasets.build_dataset, before reading the corpus)
+        folders = []
         if args.target in ("retriever", "all"):
             folders.append(("--save_dir", save_dir, checkpoint_dir(args)))
         if args.target == "eval":
             folders.append(("--save_dir", save_dir, save_dir / "eval"))
         for flag, given, folder in folders:
-            problem = unwritable(folder)
+            problem = checkpoint.unwritable(folder)
             if problem:
                 raise training.UsageError(f"{flag} {given}: {problem}")
     if getattr(args, "data", "builtin") == "builtin":  # the generated corpus reads nothing: say so, not ignore it

@@ -6,7 +6,6 @@ import dataclasses
 import math
 import os
 import signal
-import sys
 import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -115,11 +114,7 @@ class GracefulInterrupt:
         self._previous = None
 
     def _handler(self, signum, frame):
-        if self.requested:
-            try:  # the lines already printed ("saved ... at step N") are not lost in a pipe's buffer
-                sys.stdout.flush()
-            except Exception:  # the same stream busy in the loop's own write: exit regardless
-                pass
+        if self.requested:  # at once: not even a flush of stdout, which a full pipe or paused terminal would block
             os._exit(130)
         self.requested = True
         # Straight to the file descriptor, never through Python's buffered streams: the signal can arrive while the

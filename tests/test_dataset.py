@@ -247,6 +247,15 @@ def test_tokenizer_bytes_do_not_depend_on_the_number_of_cores(monkeypatch):
     assert sp.encode("rivers and towns") and sp.get_piece_size() == 300
 
 
+def test_a_missing_protobuf_is_a_one_line_dataset_error(monkeypatch):
+    import sys
+
+    monkeypatch.setitem(sys.modules, "sentencepiece.sentencepiece_model_pb2", None)  # an import of it fails
+    monkeypatch.delattr(spm, "sentencepiece_model_pb2", raising=False)  # even when imported before
+    with pytest.raises(D.DatasetError, match="needs protobuf.*pip install -r requirements.txt"):
+        D.train_tokenizer([f"line {i} about rivers" for i in range(100)], 300)
+
+
 def test_a_rebuild_keeps_an_earlier_versions_file_of_the_same_tokenizer(tmp_path):
     """Caches before format 4 recorded the thread count in tokenizer.model; rebuilt (the format changed), the
     same tokenizer keeps that file, so the checkpoints that name its sha1 still load. Another one replaces it."""

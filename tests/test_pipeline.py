@@ -412,10 +412,23 @@ def test_a_checkpoint_folder_that_cannot_be_written_is_refused_before_training(t
 @pytest.mark.parametrize("target", ["dataset", "eval"])
 def test_a_save_dir_below_a_file_is_refused_before_any_work(tmp_path, target):
     (tmp_path / "afile").write_text("mine")
-    line = one_line_error(main_py(tmp_path / "afile" / "run", "--target", target))
-    assert line.startswith(f"error: --save_dir {tmp_path / 'afile' / 'run'}: ") and "is not a folder" in line
+    p = main_py(tmp_path / "afile" / "run", "--target", target)
+    assert f"{tmp_path / 'afile'} is not a folder" in one_line_error(p) and "dataset: " not in p.stdout
     line = one_line_error(main_py(tmp_path / "run", "--target", "dataset", "--to_dir", str(tmp_path / "afile" / "x")))
-    assert "--to_dir" in line and (tmp_path / "afile").read_text() == "mine"
+    assert f"dataset folder {tmp_path / 'afile' / 'x'}: " in line and (tmp_path / "afile").read_text() == "mine"
+
+
+def test_an_up_to_date_dataset_in_a_folder_that_cannot_be_written_is_read(tiny_run, tmp_path, monkeypatch):
+    """A shared, read-only prepared dataset with one's own --save_dir: only a build needs to write there."""
+    import checkpoint
+
+    data = D.Dataset(tiny_run.path / "dataset")
+    monkeypatch.setattr(checkpoint, "unwritable", lambda path: "not writable (as if read-only)")
+    spec = D.SourceSpec(corpus_size=60)
+    assert D.build_dataset(spec, tiny_run.path / "dataset", 400, 64, log=lambda _m: None) == tiny_run.path / "dataset"
+    with pytest.raises(D.DatasetError, match="dataset folder .*not writable"):
+        D.build_dataset(spec, tiny_run.path / "dataset", 400, 32, log=lambda _m: None)  # another chunking: a build
+    assert D.Dataset(tiny_run.path / "dataset").meta == data.meta
 
 
 def test_a_file_system_error_is_one_line(monkeypatch, capsys):
