@@ -39,6 +39,7 @@ stash)
     python3 -c "import torch; print('torch', torch.__version__, torch.cuda.get_device_name())"
     ;;
 run)
+    [ -d "$stash" ] || { echo "bench/cuda.sh run: no $stash here: run 'stash' first, within ~30 s of this call" >&2; exit 2; }
     cp .cuda-2/* "$stash"/
     wheel=$(cd "$stash" && ls mlx_cuda_13-*.part-00 | sed 's/\.part-00$//')
     cat "$stash/$wheel".part-* >"$stash/$wheel" && rm "$stash/$wheel".part-*

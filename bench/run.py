@@ -97,7 +97,9 @@ def torch_device(gpu: bool) -> str:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(description="Benchmark our MLX models, search and pipeline against references.")
+    p = argparse.ArgumentParser(  # no abbreviations: __main__ looks for "--gpu" itself, before parsing
+        description="Benchmark our MLX models, search and pipeline against references.", allow_abbrev=False
+    )
     p.add_argument("--quick", action="store_true",
                    help="same as --sizes small, and 512 chunks to embed instead of 2048")
     p.add_argument("--sizes", default="small,large",
