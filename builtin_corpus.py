@@ -408,8 +408,8 @@ class _Namer:
         `fallback` (a function of an invented word; default "The <word>")."""
         for _ in range(50):
             text = self.rng.choice(makers)()
-            if normalize_answer(text) not in self.titles:
-                self.titles.add(normalize_answer(text))
+            if (key := normalize_answer(text)) not in self.titles:
+                self.titles.add(key)
                 return text
         return (fallback or (lambda word: f"The {word}"))(self.root())
 
