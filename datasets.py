@@ -394,11 +394,14 @@ def fingerprint(spec: SourceSpec, vocab_size: int, context_size: int, skip: tupl
         payload["builtin_version"] = builtin_corpus.VERSION
     if spec.from_dir:
         payload["from_dir"] = os.path.abspath(spec.from_dir)
-        payload["files"] = source_files_signature(spec.from_dir, skip)
+        import readers
+
+        files = readers.folder_sources(spec.from_dir, skip) if spec.data == "folder" else None
+        payload["files"] = source_files_signature(spec.from_dir, skip, files)
     return hashlib.sha1(json.dumps(payload, sort_keys=True).encode()).hexdigest()
 
 
-def source_files_signature(path: str | Path, skip: tuple = ()) -> str:
+def source_files_signature(path: str | Path, skip: tuple = (), files: list[Path] | None = None) -> str:
     """A hash of every source file's relative path, size and mtime, so edited data is re-read. Symlinked folders
     are followed as the folder reader follows them, and as it does, hidden files and folders (a `.git` that git
     rewrites) and the folders in `skip` (this run's outputs inside the source folder) are left out; paths are
@@ -410,10 +413,11 @@ def source_files_signature(path: str | Path, skip: tuple = ()) -> str:
         return [Path(folder) / name for name in names if not name.startswith(".")]
 
     path = Path(path)
-    files = [path] if path.is_file() else []
-    if path.is_dir():
-        found = (f for walked in readers.walk_once(path, skip) for f in visible(*walked))
-        files = sorted(f for f in found if f.is_file())
+    if files is None:  # `files`: exactly those a reader reads under `path` (the folder reader's), else all
+        files = [path] if path.is_file() else []
+        if path.is_dir():
+            found = (f for walked in readers.walk_once(path, skip) for f in visible(*walked))
+            files = sorted(f for f in found if f.is_file())
     h = hashlib.sha1()
     for f in files:
         st = f.stat()

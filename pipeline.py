@@ -246,7 +246,9 @@ def summarise(args, data, retr, index, gen, split: str = "test", max_questions: 
         report.update(
             {"em_retrieved": em_r["em"], "f1_retrieved": em_r["f1"], "em_random": em_x["em"], "f1_random": em_x["f1"]}
         )
-    print(f"\n{split} set ({len(ids)} questions, {len(answerable)} with an answer chunk):")
+    total = len(data.split_indices(split))
+    which = f"{len(ids)} questions" if len(ids) == total else f"the first {len(ids):,} of {total:,} questions"
+    print(f"\n{split} set ({which}, {len(answerable)} with an answer chunk; --target eval reports them all):")
     for k, v in report.items():
         print(f"  {k:<20} {v:.3f}")
     return report

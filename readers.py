@@ -294,8 +294,8 @@ def walk_once(
 ) -> Iterator[tuple[str, list[str], list[str]]]:
     """`os.walk(root)` following symlinked folders, but entering each real folder once: a link back up the tree
     cannot loop, and a folder linked twice is read once, through the first path in sorted order. The folders in
-    `skip` (a run's own outputs, when they lie inside the source folder) are never entered. As with os.walk, a
-    caller may prune the subfolder list in place."""
+    `skip` (this run's outputs, when they lie inside the source folder) and any other run's outputs
+    (`is_ragmlx_output`) are never entered. As with os.walk, a caller may prune the subfolder list in place."""
     seen: set[tuple[int, int]] = set()
     for folder in skip:
         try:
@@ -303,6 +303,22 @@ def walk_once(
         except OSError:  # not made yet: nothing of ours to leave out
             continue
         seen.add((st.st_dev, st.st_ino))
+    for folder, subdirs, files in _walk_unique(root, seen):
+        subdirs[:] = [d for d in subdirs if not is_ragmlx_output(Path(folder) / d)]
+        yield folder, subdirs, files
+
+
+def is_ragmlx_output(folder: Path) -> bool:
+    """Whether `folder` is this program's output, never source data even inside --from_dir: a dataset cache
+    (meta.json beside tokenizer.model) or a run's --save_dir (its dataset cache or checkpoints)."""
+    return (
+        ((folder / "meta.json").is_file() and (folder / "tokenizer.model").is_file())
+        or (folder / "dataset" / "meta.json").is_file()
+        or any((folder / "checkpoints").glob("*.retriever.json"))
+    )
+
+
+def _walk_unique(root: str | os.PathLike, seen: set) -> Iterator[tuple[str, list[str], list[str]]]:
     for folder, subdirs, files in os.walk(root, followlinks=True):
         st = os.stat(folder)
         if (st.st_dev, st.st_ino) in seen:
@@ -323,6 +339,14 @@ def _text_files(root: Path, skip: Iterable[str | os.PathLike] = ()) -> list[Path
             if not name.startswith(".") and name.lower().endswith((".txt", ".md")):
                 found.append(Path(folder) / name)
     return sorted(found, key=lambda p: p.relative_to(root).as_posix())
+
+
+def folder_sources(root: str | os.PathLike, skip: Iterable[str | os.PathLike] = ()) -> list[Path]:
+    """The files `read_folder(root)` reads: its documents and, when there, root/qa.jsonl (what the dataset's
+    fingerprint hashes, so that an image or a log written beside them does not rebuild it)."""
+    root = Path(root)
+    qa = root / "qa.jsonl"
+    return _text_files(root, skip) + ([qa] if qa.is_file() else [])
 
 
 def _path_text(path: str) -> str:

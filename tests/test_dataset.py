@@ -642,6 +642,27 @@ def test_outputs_inside_the_source_folder_are_not_read(tmp_path):
     assert sorted(d["id"] for d in D.Dataset(save_dir / "dataset").documents) == sorted(HAND_DOCS)
 
 
+def test_another_runs_outputs_and_unread_files_in_the_source_folder_change_nothing(tmp_path):
+    """Two runs in one notes folder (`--save_dir out2` beside runs/default): each one's dataset cache, checkpoints
+    and eval reports were the other's documents (its tokenizer changed, its checkpoints were refused), and any
+    file at all, an image say, rebuilt the dataset though the reader reads only .txt/.md and qa.jsonl."""
+    src = write_folder(tmp_path / "src", HAND_DOCS, HAND_QA)
+    spec = D.SourceSpec(data="folder", from_dir=str(src))
+    D.build_dataset(spec, src / "runs" / "default" / "dataset", 400, 16, log=quiet, skip=(src / "runs" / "default",))
+    (src / "runs" / "default" / "checkpoints").mkdir()
+    (src / "runs" / "default" / "checkpoints" / f"{'a' * 40}.retriever.json").write_text("{}")
+    (src / "runs" / "default" / "eval" / "r1").mkdir(parents=True)
+    (src / "runs" / "default" / "eval" / "r1" / "report.md").write_text("# Evaluation\nR@5 0.5\n")
+    other = src / "out2"
+    logs: list[str] = []
+    D.build_dataset(spec, other / "dataset", 400, 16, log=quiet, skip=(other,))
+    (src / "figure.png").write_bytes(b"\x89PNG not a document")
+    D.build_dataset(spec, other / "dataset", 400, 16, log=logs.append, skip=(other,))
+    assert any("up to date" in line for line in logs), logs
+    assert sorted(d["id"] for d in D.Dataset(other / "dataset").documents) == sorted(HAND_DOCS)
+    assert D.Dataset(other / "dataset").tokenizer_sha1 == D.Dataset(src / "runs" / "default" / "dataset").tokenizer_sha1
+
+
 def test_edited_source_folder_is_rebuilt(tmp_path):
     src = write_folder(tmp_path / "src", HAND_DOCS, HAND_QA)
     spec = D.SourceSpec(data="folder", from_dir=str(src))
