@@ -482,7 +482,7 @@ def build_dataset(
         return to_dir
     problem = ckpt.unwritable(to_dir)
     if problem:  # a cache that is up to date is only read (a shared, read-only one works); a build must write
-        raise DatasetError(f"dataset folder {to_dir}: {problem}")
+        raise DatasetError(f"dataset folder {to_dir} (--to_dir, by default SAVE_DIR/dataset): {problem}")
     _check_replaceable(to_dir)  # before reading the corpus, so a refusal comes at once
     docs, qa = read_corpus(spec, log, skip)
     docs = [d for d in docs if d.text.strip()]

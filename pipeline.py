@@ -247,8 +247,10 @@ def summarise(args, data, retr, index, gen, split: str = "test", max_questions: 
             {"em_retrieved": em_r["em"], "f1_retrieved": em_r["f1"], "em_random": em_x["em"], "f1_random": em_x["f1"]}
         )
     total = len(data.split_indices(split))
-    which = f"{len(ids)} questions" if len(ids) == total else f"the first {len(ids):,} of {total:,} questions"
-    print(f"\n{split} set ({which}, {len(answerable)} with an answer chunk; --target eval reports them all):")
+    which = (
+        f"{len(ids)} questions" if len(ids) == total else f"the first {len(ids):,} of {total:,} (--target eval: all)"
+    )
+    print(f"\n{split} set ({which}, {len(answerable)} with an answer chunk):")
     for k, v in report.items():
         print(f"  {k:<20} {v:.3f}")
     return report

@@ -309,13 +309,27 @@ def walk_once(
 
 
 def is_ragmlx_output(folder: Path) -> bool:
-    """Whether `folder` is this program's output, never source data even inside --from_dir: a dataset cache
-    (meta.json beside tokenizer.model) or a run's --save_dir (its dataset cache or checkpoints)."""
-    return (
-        ((folder / "meta.json").is_file() and (folder / "tokenizer.model").is_file())
-        or (folder / "dataset" / "meta.json").is_file()
-        or any((folder / "checkpoints").glob("*.retriever.json"))
-    )
+    """Whether `folder` is this program's output, never source data even inside --from_dir: a dataset cache (its
+    meta.json, with the cache's own keys, beside tokenizer.model) or a run's --save_dir (such a cache in dataset/,
+    or retriever checkpoints). False for anything it cannot read, as os.walk passes over a folder it cannot enter."""
+
+    def dataset_cache(path: Path) -> bool:
+        if not (os.path.isfile(path / "meta.json") and os.path.isfile(path / "tokenizer.model")):
+            return False
+        try:
+            meta = json.loads((path / "meta.json").read_text(encoding="utf-8"))
+        except (OSError, ValueError):
+            return False
+        return isinstance(meta, dict) and {"fingerprint", "format", "tokenizer_sha1"} <= meta.keys()
+
+    try:
+        return (
+            dataset_cache(folder)
+            or dataset_cache(folder / "dataset")
+            or any((folder / "checkpoints").glob("*.retriever.json"))
+        )
+    except OSError:
+        return False
 
 
 def _walk_unique(root: str | os.PathLike, seen: set) -> Iterator[tuple[str, list[str], list[str]]]:
@@ -346,7 +360,7 @@ def folder_sources(root: str | os.PathLike, skip: Iterable[str | os.PathLike] = 
     fingerprint hashes, so that an image or a log written beside them does not rebuild it)."""
     root = Path(root)
     qa = root / "qa.jsonl"
-    return _text_files(root, skip) + ([qa] if qa.is_file() else [])
+    return [f for f in _text_files(root, skip) if os.path.isfile(f)] + ([qa] if os.path.isfile(qa) else [])
 
 
 def _path_text(path: str) -> str:

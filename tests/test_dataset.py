@@ -663,6 +663,27 @@ def test_another_runs_outputs_and_unread_files_in_the_source_folder_change_nothi
     assert D.Dataset(other / "dataset").tokenizer_sha1 == D.Dataset(src / "runs" / "default" / "dataset").tokenizer_sha1
 
 
+def test_only_this_programs_own_folders_are_left_out_and_a_dangling_link_is_no_error(tmp_path, monkeypatch):
+    """A user's own "dataset/meta.json" is not ours (it lacks a cache's keys and tokenizer.model): its folder is
+    read; a dangling .md link is skipped as unreadable, not an error of the fingerprint; a folder that cannot be
+    looked into is not an output (os.walk passes over it as before)."""
+    import readers
+
+    src = write_folder(tmp_path / "src", HAND_DOCS, HAND_QA)
+    (src / "project" / "dataset").mkdir(parents=True)
+    (src / "project" / "plan.md").write_text("Alice Harrow planned a survey of the mosses of Lindell.\n")
+    (src / "project" / "dataset" / "meta.json").write_text('{"name": "survey"}')
+    (src / "gone.md").symlink_to(tmp_path / "nowhere.md")
+    D.build_dataset(D.SourceSpec(data="folder", from_dir=str(src)), tmp_path / "ds", 400, 16, log=quiet)
+    assert "project/plan.md" in [d["id"] for d in D.Dataset(tmp_path / "ds").documents]
+
+    def refused(self, pattern):
+        raise PermissionError(13, "Permission denied", str(self))
+
+    monkeypatch.setattr(Path, "glob", refused)
+    assert readers.is_ragmlx_output(src / "project") is False
+
+
 def test_edited_source_folder_is_rebuilt(tmp_path):
     src = write_folder(tmp_path / "src", HAND_DOCS, HAND_QA)
     spec = D.SourceSpec(data="folder", from_dir=str(src))

@@ -415,7 +415,7 @@ def test_a_save_dir_below_a_file_is_refused_before_any_work(tmp_path, target):
     p = main_py(tmp_path / "afile" / "run", "--target", target)
     assert f"{tmp_path / 'afile'} is not a folder" in one_line_error(p) and "dataset: " not in p.stdout
     line = one_line_error(main_py(tmp_path / "run", "--target", "dataset", "--to_dir", str(tmp_path / "afile" / "x")))
-    assert f"dataset folder {tmp_path / 'afile' / 'x'}: " in line and (tmp_path / "afile").read_text() == "mine"
+    assert f"dataset folder {tmp_path / 'afile' / 'x'} (--to_dir" in line and (tmp_path / "afile").read_text() == "mine"
 
 
 def test_an_up_to_date_dataset_in_a_folder_that_cannot_be_written_is_read(tiny_run, tmp_path, monkeypatch):
