@@ -480,8 +480,10 @@ def build_dataset(
     if not force and _up_to_date(to_dir, fp, log):
         log(f"dataset: {to_dir} is up to date")
         return to_dir
-    problem = ckpt.unwritable(to_dir)
-    if problem:  # a cache that is up to date is only read (a shared, read-only one works); a build must write
+    # A cache that is up to date is only read (a shared, read-only one works); a build writes a sibling folder and
+    # swaps it in (`_write_cache`), so the folder around the cache must take writes.
+    problem = ckpt.unwritable(to_dir.resolve().parent)
+    if problem:
         raise DatasetError(f"dataset folder {to_dir} (--to_dir, by default SAVE_DIR/dataset): {problem}")
     _check_replaceable(to_dir)  # before reading the corpus, so a refusal comes at once
     docs, qa = read_corpus(spec, log, skip)
