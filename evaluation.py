@@ -464,16 +464,21 @@ def run_eval(
     return report, paths
 
 
-def eval_target(args, data) -> int:
-    """`--target eval`: load the newest (or --identifier / --retriever_identifier) checkpoints and evaluate."""
-    import pipeline
-
-    directory = pipeline.checkpoint_dir(args)
+def require_checkpoints(directory: Path) -> None:
+    """A UsageError unless `directory` holds a retriever and a generator checkpoint (main.py checks this before
+    building a dataset that nothing could then evaluate)."""
     for ckpt_type, target in (("retriever", "retriever"), ("generator", "all")):
         if not (directory.is_dir() and ckpt.list_checkpoints(directory, ckpt_type)):
             raise UsageError(
                 f"--target eval: no {ckpt_type} checkpoint in {directory}; train one with --target {target}"
             )
+
+
+def eval_target(args, data) -> int:
+    """`--target eval`: load the newest (or --identifier / --retriever_identifier) checkpoints and evaluate."""
+    import pipeline
+
+    require_checkpoints(pipeline.checkpoint_dir(args))
     retr, rid, index = pipeline.get_retriever(args, data, train=False)
     gen, gid = pipeline.get_generator(args, data, None, rid, train=False)
     run_eval(args, data, retr, index, gen, retriever_id=rid, generator_id=gid)

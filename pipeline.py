@@ -331,6 +331,10 @@ def check_flags(args: argparse.Namespace) -> None:
         raise training.UsageError(
             f"--new_model starts a fresh generator; it cannot also resume --identifier {args.identifier}"
         )
+    if args.target == "eval":  # before building a dataset that nothing could then evaluate
+        import evaluation
+
+        evaluation.require_checkpoints(checkpoint_dir(args))
     # The checkpoints and index named now, not after the retriever stage has trained, saved and pruned.
     if args.identifier is not None and args.target == "all":
         checkpoint.resolve_id(checkpoint_dir(args), "generator", args.identifier)

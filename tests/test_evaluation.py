@@ -266,3 +266,6 @@ def test_eval_without_checkpoints_is_a_usage_error(tiny_run, tmp_path, capsys):
     assert rc == 2
     assert "no retriever checkpoint" in capsys.readouterr().err
     assert not (tmp_path / "eval").exists()
+    fresh = tmp_path / "fresh"  # and before a dataset is built for nothing
+    assert main.main(["--target", "eval", "--save_dir", str(fresh), *TINY]) == 2
+    assert "no retriever checkpoint" in capsys.readouterr().err and not (fresh / "dataset").exists()
