@@ -82,9 +82,8 @@ class SourceSpec:
     expander_model: str | None = None  # --expand_answers: mlx_lm model that rewrites answers as sentences
 
 
-def read_corpus(spec: SourceSpec, log=print, skip: tuple = ()) -> tuple[list[Document], list[QAPair]]:
-    """Documents and QA pairs from the chosen source; `skip`: this run's output folders, left unread where they
-    lie inside --from_dir."""
+def read_corpus(spec: SourceSpec, log=print) -> tuple[list[Document], list[QAPair]]:
+    """Documents and QA pairs from the chosen source."""
     if spec.data == "builtin":
         import builtin_corpus
 
@@ -99,7 +98,7 @@ def read_corpus(spec: SourceSpec, log=print, skip: tuple = ()) -> tuple[list[Doc
     if spec.data == "squad":
         kw["documents"] = spec.squad_documents
     try:
-        docs, qa, report = readers.read_source(spec.data, spec.from_dir, skip, **kw)
+        docs, qa, report = readers.read_source(spec.data, spec.from_dir, **kw)
     except readers.DataError as e:
         raise DatasetError(str(e)) from None
     for line in report.messages[:20]:
@@ -382,7 +381,7 @@ def expand_qa(model_name: str | None, qa: list[QAPair], to_dir: Path, log=print)
     return out, cache
 
 
-def fingerprint(spec: SourceSpec, vocab_size: int, context_size: int, skip: tuple = ()) -> str:
+def fingerprint(spec: SourceSpec, vocab_size: int, context_size: int) -> str:
     import builtin_corpus
 
     payload = dict(vars(spec), vocab_size=vocab_size, context_size=context_size, version=FORMAT_VERSION)
@@ -396,15 +395,15 @@ def fingerprint(spec: SourceSpec, vocab_size: int, context_size: int, skip: tupl
         payload["from_dir"] = os.path.abspath(spec.from_dir)
         import readers
 
-        files = readers.folder_sources(spec.from_dir, skip) if spec.data == "folder" else None
-        payload["files"] = source_files_signature(spec.from_dir, skip, files)
+        files = readers.folder_sources(spec.from_dir) if spec.data == "folder" else None
+        payload["files"] = source_files_signature(spec.from_dir, files)
     return hashlib.sha1(json.dumps(payload, sort_keys=True).encode()).hexdigest()
 
 
-def source_files_signature(path: str | Path, skip: tuple = (), files: list[Path] | None = None) -> str:
+def source_files_signature(path: str | Path, files: list[Path] | None = None) -> str:
     """A hash of every source file's relative path, size and mtime, so edited data is re-read. Symlinked folders
     are followed as the folder reader follows them, and as it does, hidden files and folders (a `.git` that git
-    rewrites) and the folders in `skip` (this run's outputs inside the source folder) are left out; paths are
+    rewrites) and this program's outputs inside the source folder (`readers.walk_once`) are left out; paths are
     hashed as bytes, since a file name need not be UTF-8."""
     import readers
 
@@ -416,7 +415,7 @@ def source_files_signature(path: str | Path, skip: tuple = (), files: list[Path]
     if files is None:  # `files`: exactly those a reader reads under `path` (the folder reader's), else all
         files = [path] if path.is_file() else []
         if path.is_dir():
-            found = (f for walked in readers.walk_once(path, skip) for f in visible(*walked))
+            found = (f for walked in readers.walk_once(path) for f in visible(*walked))
             files = sorted(f for f in found if f.is_file())
     h = hashlib.sha1()
     for f in files:
@@ -466,17 +465,14 @@ def build_dataset(
     context_size: int = 64,
     force: bool = False,
     log=print,
-    skip: tuple = (),
 ) -> Path:
-    """Read, tokenise, chunk and label a corpus into `to_dir`. Idempotent: an up-to-date cache is reused. `skip`:
-    folders of this run's outputs (--save_dir) that a source folder holding them must not be read from."""
+    """Read, tokenise, chunk and label a corpus into `to_dir`. Idempotent: an up-to-date cache is reused."""
     if context_size <= 0:
         raise DatasetError(f"--context_size must be positive, got {context_size}")
     if vocab_size < 64:
         raise DatasetError(f"--vocab_size must be at least 64, got {vocab_size}")
     to_dir = Path(to_dir)
-    skip = (to_dir, *skip)  # our own outputs are never source data, even inside --from_dir
-    fp = fingerprint(spec, vocab_size, context_size, skip)
+    fp = fingerprint(spec, vocab_size, context_size)
     if not force and _up_to_date(to_dir, fp, log):
         log(f"dataset: {to_dir} is up to date")
         return to_dir
@@ -486,7 +482,7 @@ def build_dataset(
     if problem:
         raise DatasetError(f"dataset folder {to_dir} (--to_dir, by default SAVE_DIR/dataset): {problem}")
     _check_replaceable(to_dir)  # before reading the corpus, so a refusal comes at once
-    docs, qa = read_corpus(spec, log, skip)
+    docs, qa = read_corpus(spec, log)
     docs = [d for d in docs if d.text.strip()]
     if not docs:
         raise DatasetError(f"--data {spec.data}: no documents with text")

@@ -106,12 +106,11 @@ def prepare_dataset(args):
     if args.batch_size is not None and args.batch_size <= 0:
         raise training.UsageError(f"--batch_size must be positive, got {args.batch_size}")
     # Under mlx.launch rank 0 builds first; the others then find it built (shared folder) or build their own.
-    outputs = (args.save_dir,)  # `cd notes && main.py --data folder --from_dir .`: ./runs is not a source
     if dist.is_main():
-        datasets.build_dataset(spec, to_dir, args.vocab_size, args.context_size, skip=outputs)
+        datasets.build_dataset(spec, to_dir, args.vocab_size, args.context_size)
     dist.barrier()
     if not dist.is_main():
-        datasets.build_dataset(spec, to_dir, args.vocab_size, args.context_size, skip=outputs)
+        datasets.build_dataset(spec, to_dir, args.vocab_size, args.context_size)
     return datasets.Dataset(to_dir)
 
 

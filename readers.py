@@ -289,21 +289,13 @@ def read_squad(path: str | os.PathLike, documents: str = "paragraphs", max_quest
 # ------------------------------------------------------------------------------------------------ folder
 
 
-def walk_once(
-    root: str | os.PathLike, skip: Iterable[str | os.PathLike] = ()
-) -> Iterator[tuple[str, list[str], list[str]]]:
+def walk_once(root: str | os.PathLike) -> Iterator[tuple[str, list[str], list[str]]]:
     """`os.walk(root)` following symlinked folders, but entering each real folder once: a link back up the tree
-    cannot loop, and a folder linked twice is read once, through the first path in sorted order. The folders in
-    `skip` (this run's outputs, when they lie inside the source folder) and any other run's outputs
-    (`is_ragmlx_output`) are never entered. As with os.walk, a caller may prune the subfolder list in place."""
-    seen: set[tuple[int, int]] = set()
-    for folder in skip:
-        try:
-            st = os.stat(folder)
-        except OSError:  # not made yet: nothing of ours to leave out
-            continue
-        seen.add((st.st_dev, st.st_ino))
-    for folder, subdirs, files in _walk_unique(root, seen):
+    cannot loop, and a folder linked twice is read once, through the first path in sorted order. This program's
+    outputs (`is_ragmlx_output`: a run's --save_dir or a dataset cache, when they lie inside the source folder, as
+    with `cd notes && main.py --data folder --from_dir .`) are never entered. As with os.walk, a caller may prune
+    the subfolder list in place."""
+    for folder, subdirs, files in _walk_unique(root):
         subdirs[:] = [d for d in subdirs if not is_ragmlx_output(Path(folder) / d)]
         yield folder, subdirs, files
 
@@ -332,7 +324,8 @@ def is_ragmlx_output(folder: Path) -> bool:
         return False
 
 
-def _walk_unique(root: str | os.PathLike, seen: set) -> Iterator[tuple[str, list[str], list[str]]]:
+def _walk_unique(root: str | os.PathLike) -> Iterator[tuple[str, list[str], list[str]]]:
+    seen: set[tuple[int, int]] = set()
     for folder, subdirs, files in os.walk(root, followlinks=True):
         st = os.stat(folder)
         if (st.st_dev, st.st_ino) in seen:
@@ -343,11 +336,11 @@ def _walk_unique(root: str | os.PathLike, seen: set) -> Iterator[tuple[str, list
         yield folder, subdirs, files
 
 
-def _text_files(root: Path, skip: Iterable[str | os.PathLike] = ()) -> list[Path]:
+def _text_files(root: Path) -> list[Path]:
     """*.txt and *.md under root, recursively (through symlinked folders too), sorted by relative path; hidden
-    files and folders, and the folders in `skip`, left out."""
+    files and folders, and this program's outputs, left out."""
     found = []
-    for folder, subdirs, files in walk_once(root, skip):
+    for folder, subdirs, files in walk_once(root):
         subdirs[:] = [d for d in subdirs if not d.startswith(".")]
         for name in files:
             if not name.startswith(".") and name.lower().endswith((".txt", ".md")):
@@ -355,12 +348,12 @@ def _text_files(root: Path, skip: Iterable[str | os.PathLike] = ()) -> list[Path
     return sorted(found, key=lambda p: p.relative_to(root).as_posix())
 
 
-def folder_sources(root: str | os.PathLike, skip: Iterable[str | os.PathLike] = ()) -> list[Path]:
+def folder_sources(root: str | os.PathLike) -> list[Path]:
     """The files `read_folder(root)` reads: its documents and, when there, root/qa.jsonl (what the dataset's
     fingerprint hashes, so that an image or a log written beside them does not rebuild it)."""
     root = Path(root)
     qa = root / "qa.jsonl"
-    return [f for f in _text_files(root, skip) if os.path.isfile(f)] + ([qa] if os.path.isfile(qa) else [])
+    return [f for f in _text_files(root) if os.path.isfile(f)] + ([qa] if os.path.isfile(qa) else [])
 
 
 def _path_text(path: str) -> str:
@@ -444,10 +437,9 @@ def read_folder(
     root: str | os.PathLike,
     qa_path: str | os.PathLike | None = None,
     max_questions: int | None = None,
-    skip: Iterable[str | os.PathLike] = (),
 ) -> ReadResult:
     """Read every *.txt / *.md under root (id = relative path, title = first markdown heading or file stem), but
-    none in the folders of `skip` (the run's --save_dir and --to_dir, whose reports would otherwise become documents).
+    none in a run's output folder inside it (whose reports would otherwise become documents: `walk_once`).
 
     QA pairs come from `qa_path`, else root/qa.jsonl when present: one {"question", "answers", "id"?,
     "doc_ids"?} object per line; an id is a string or an integer, and defaults to "q-" + sha1(question)[:12]. No QA
@@ -459,7 +451,7 @@ def read_folder(
         raise DataError(f"{root}: folder not found (--from_dir must be a directory of .txt/.md files)")
     report = ReadReport(source="folder")
     docs: list[Document] = []
-    for path in _text_files(root, skip):
+    for path in _text_files(root):
         try:
             text = read_text(path, report)
         except OSError as e:
@@ -490,9 +482,8 @@ def read_folder(
 # ---------------------------------------------------------------------------------------------- dispatch
 
 
-def read_source(name: str, from_dir: str | None, skip: Iterable[str | os.PathLike] = (), **kw: Any) -> ReadResult:
-    """Dispatch `--data NAME --from_dir PATH` to its reader; extra keywords go to the reader. `skip`: folders the
-    folder reader must not read (the run's outputs); the other readers read named files only.
+def read_source(name: str, from_dir: str | None, **kw: Any) -> ReadResult:
+    """Dispatch `--data NAME --from_dir PATH` to its reader; extra keywords go to the reader.
 
     For triviaqa-hf, from_dir (optional) is the Hugging Face cache folder.
     """
@@ -512,6 +503,4 @@ def read_source(name: str, from_dir: str | None, skip: Iterable[str | os.PathLik
             "folder": "a folder of .txt/.md files",
         }[name]
         raise DataError(f"--data {name} needs --from_dir PATH ({what})")
-    if name == "folder":
-        kw["skip"] = skip
     return readers[name](from_dir, **kw)

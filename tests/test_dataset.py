@@ -631,14 +631,14 @@ def test_outputs_inside_the_source_folder_are_not_read(tmp_path):
     save_dir = src / "runs" / "default"
     spec = D.SourceSpec(data="folder", from_dir=str(src))
     logs: list[str] = []
-    D.build_dataset(spec, save_dir / "dataset", 400, 16, log=quiet, skip=(save_dir,))
+    D.build_dataset(spec, save_dir / "dataset", 400, 16, log=quiet)
     (save_dir / "eval" / "r1").mkdir(parents=True)
     (save_dir / "eval" / "r1" / "report.md").write_text("# Report\nRecall@5 of the dense retriever: 0.5\n")
     (src / ".git").mkdir()
     (src / ".git" / "index").write_text("rewritten by git status\n")
-    D.build_dataset(spec, save_dir / "dataset", 400, 16, log=logs.append, skip=(save_dir,))
+    D.build_dataset(spec, save_dir / "dataset", 400, 16, log=logs.append)
     assert any("up to date" in line for line in logs), logs
-    D.build_dataset(spec, save_dir / "dataset", 400, 16, log=quiet, skip=(save_dir,), force=True)
+    D.build_dataset(spec, save_dir / "dataset", 400, 16, log=quiet, force=True)
     assert sorted(d["id"] for d in D.Dataset(save_dir / "dataset").documents) == sorted(HAND_DOCS)
 
 
@@ -648,16 +648,16 @@ def test_another_runs_outputs_and_unread_files_in_the_source_folder_change_nothi
     file at all, an image say, rebuilt the dataset though the reader reads only .txt/.md and qa.jsonl."""
     src = write_folder(tmp_path / "src", HAND_DOCS, HAND_QA)
     spec = D.SourceSpec(data="folder", from_dir=str(src))
-    D.build_dataset(spec, src / "runs" / "default" / "dataset", 400, 16, log=quiet, skip=(src / "runs" / "default",))
+    D.build_dataset(spec, src / "runs" / "default" / "dataset", 400, 16, log=quiet)
     (src / "runs" / "default" / "checkpoints").mkdir()
     (src / "runs" / "default" / "checkpoints" / f"{'a' * 40}.retriever.json").write_text("{}")
     (src / "runs" / "default" / "eval" / "r1").mkdir(parents=True)
     (src / "runs" / "default" / "eval" / "r1" / "report.md").write_text("# Evaluation\nR@5 0.5\n")
     other = src / "out2"
     logs: list[str] = []
-    D.build_dataset(spec, other / "dataset", 400, 16, log=quiet, skip=(other,))
+    D.build_dataset(spec, other / "dataset", 400, 16, log=quiet)
     (src / "figure.png").write_bytes(b"\x89PNG not a document")
-    D.build_dataset(spec, other / "dataset", 400, 16, log=logs.append, skip=(other,))
+    D.build_dataset(spec, other / "dataset", 400, 16, log=logs.append)
     assert any("up to date" in line for line in logs), logs
     assert sorted(d["id"] for d in D.Dataset(other / "dataset").documents) == sorted(HAND_DOCS)
     assert D.Dataset(other / "dataset").tokenizer_sha1 == D.Dataset(src / "runs" / "default" / "dataset").tokenizer_sha1
