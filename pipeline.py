@@ -296,18 +296,13 @@ def check_flags(args: argparse.Namespace) -> None:
     save_dir = Path(args.save_dir)
     if save_dir.exists() and not save_dir.is_dir():
         raise training.UsageError(f"--save_dir {save_dir}: exists and is not a folder")
-    # Found now, not after the corpus is read or a model trained. --inference only reads what is there.
-    if not args.inference and args.target in ("dataset", "retriever", "all", "eval"):
-        # (the dataset's folder only when it must be built: datasets.build_dataset, before reading the corpus)
-        folders = []
-        if args.target in ("retriever", "all"):
-            folders.append(("--save_dir", save_dir, checkpoint_dir(args)))
-        if args.target == "eval":
-            folders.append(("--save_dir", save_dir, save_dir / "eval"))
-        for flag, given, folder in folders:
-            problem = checkpoint.unwritable(folder)
-            if problem:
-                raise training.UsageError(f"{flag} {given}: {problem}")
+    # The folder this run writes in, found unusable now rather than after a model trained (--inference only reads;
+    # the dataset's folder is checked by datasets.build_dataset, and only when it must be built).
+    writes = {"retriever": checkpoint_dir(args), "all": checkpoint_dir(args), "eval": save_dir / "eval"}.get(
+        args.target
+    )
+    if writes is not None and not args.inference and (problem := checkpoint.unwritable(writes)):
+        raise training.UsageError(f"--save_dir {save_dir}: {problem}")
     if getattr(args, "data", "builtin") == "builtin":  # the generated corpus reads nothing: say so, not ignore it
         for flag in ("from_dir", "max_questions"):
             if getattr(args, flag, None) is not None:
